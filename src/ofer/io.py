@@ -1,0 +1,133 @@
+"""File input/output in one place: atomic writes, images, meshes and arrays.
+
+Every output of the project goes through `atomic_write` so that an interrupted run never
+leaves a half-written file that a later run would mistake for a finished one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import cv2
+import numpy as np
+
+
+class InputError(ValueError):
+    """A user-provided file is missing, unreadable or has the wrong content."""
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
+
+    The temporary file keeps the target's suffix (or `suffix`) so that libraries choosing
+    a format by extension (OpenCV, numpy) write the right one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=suffix or path.suffix)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Read an image file as a BGR uint8 array (H, W, 3); raise InputError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: image file not found")
+    data = np.fromfile(path, dtype=np.uint8)
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    if image is None:
+        raise InputError(f"{path}: not a readable image (corrupt or unsupported format)")
+    return image
+
+
+def write_image(path: str | os.PathLike, image_bgr: np.ndarray) -> None:
+    """Write a BGR uint8 image atomically; the format follows the file extension."""
+    path = Path(path)
+    ok, encoded = cv2.imencode(path.suffix or ".png", image_bgr)
+    if not ok:
+        raise OSError(f"{path}: OpenCV could not encode the image")
+    with atomic_write(path) as tmp:
+        encoded.tofile(tmp)
+
+
+def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
+    """Save one array as .npy atomically."""
+    with atomic_write(path) as tmp:
+        np.save(tmp, np.asarray(array))
+
+
+def save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
+    """Save named arrays as a compressed .npz atomically."""
+    with atomic_write(path) as tmp:
+        np.savez_compressed(tmp, **{k: np.asarray(v) for k, v in arrays.items()})
+
+
+def load_array(path: str | os.PathLike, shape: tuple[int | None, ...] | None = None) -> np.ndarray:
+    """Load a plain numeric .npy (never a pickle) and check its shape; errors name the file.
+
+    `shape` may contain None for free axes, e.g. (3, 112, 112) or (None, 3).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: file not found")
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise InputError(f"{path}: not a readable numeric .npy file ({err})") from err
+    if shape is not None:
+        ok = array.ndim == len(shape) and all(s is None or s == a for s, a in zip(shape, array.shape))
+        if not ok:
+            want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+            raise InputError(f"{path}: expected an array of shape {want}, found {array.shape}")
+    return array
+
+
+def write_ply(path: str | os.PathLike, vertices: np.ndarray, faces: np.ndarray) -> None:
+    """Write a triangle mesh as binary little-endian PLY, atomically.
+
+    vertices: (V, 3) float, faces: (F, 3) int. Written directly (no trimesh processing) so
+    the vertex order and count are exactly those of the model.
+    """
+    vertices = np.ascontiguousarray(vertices, dtype="<f4")
+    faces = np.asarray(faces)
+    header = (
+        "ply\nformat binary_little_endian 1.0\n"
+        f"element vertex {len(vertices)}\nproperty float x\nproperty float y\nproperty float z\n"
+        f"element face {len(faces)}\nproperty list uchar int vertex_indices\nend_header\n"
+    )
+    face_records = np.empty(len(faces), dtype=[("n", "u1"), ("idx", "<i4", (3,))])
+    face_records["n"] = 3
+    face_records["idx"] = faces
+    with atomic_write(path) as tmp, open(tmp, "wb") as handle:
+        handle.write(header.encode("ascii"))
+        handle.write(vertices.tobytes())
+        handle.write(face_records.tobytes())
+
+
+def read_mesh(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """Read a triangle mesh (.ply/.obj/...) without merging or reordering vertices.
+
+    Returns vertices (V, 3) float64 and faces (F, 3) int64.
+    """
+    import trimesh
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: mesh file not found")
+    try:
+        mesh = trimesh.load(path, process=False, force="mesh")
+    except Exception as err:  # trimesh raises many exception types for bad files
+        raise InputError(f"{path}: not a readable mesh ({err})") from err
+    return np.asarray(mesh.vertices, dtype=np.float64), np.asarray(mesh.faces, dtype=np.int64)
