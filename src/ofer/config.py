@@ -99,6 +99,7 @@ class IdRankTrainConfig:
     """IdRank training: the frozen IdGen that proposes shapes."""
 
     idgen_checkpoint: str = "checkpoint/model_idgen_flame20.tar"
+    idgen_config: str = "configs/idgen_flame20.yml"  # used when the checkpoint carries no config
     numsamples: int = 100
     sampling: Literal["ddpm", "ddim", "ddim_legacy"] = "ddpm"
     steps: Optional[int] = None
@@ -271,6 +272,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         return _build(Config, data, "")
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}" if path is not None else str(err)) from None
+
+
+def config_from_dict(data: dict) -> Config:
+    """Validate a plain dict (e.g. the config saved in a checkpoint) into a Config."""
+    return _build(Config, data, "")
 
 
 def config_to_dict(cfg: Any) -> dict:

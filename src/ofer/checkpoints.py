@@ -1,0 +1,158 @@
+"""One checkpoint loader for the original OFER `.tar` files and ours; atomic saving.
+
+Original files (SPEC §10) are `torch.save` dicts. IdGen/ExpGen: `net` (denoiser),
+`diffusion` (the same weights prefixed `net.` plus `var_sched.` buffers), `var_sched`,
+`arcface` and, for ExpGen, `farl`; IdRank: `net`, `arcface`, `farl`. Our files use the same
+keys (so a stage module's attributes `net`, `var_sched`, `arcface`, `farl` map one to one)
+plus `format`, `config`, `step` and, for training, `optimizer`, `scheduler`, `ema` and `rng`.
+
+The original denoiser kept its 16 attention projections in a plain Python list, so its
+files never contain them (at most one stray `...fn.fn.qkv.weight`). Loading such a file
+drops the stray key and initialises the projections from a fixed seed, with a warning.
+Everything is read with ``torch.load(weights_only=True)``: no arbitrary code runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ofer.config import Config, config_from_dict, load_config
+from ofer.io import InputError, atomic_write
+
+log = logging.getLogger(__name__)
+
+FORMAT = "ofer-reimpl-1"
+PROJECTION_SEED = 0  # seed for the projections absent from original checkpoints
+_PROJECTION_KEY = re.compile(r"\.to_qkv\.\d+\.weight$")
+_STRAY_ORIGINAL_KEY = re.compile(r"(^|\.)fn\.fn\.qkv\.weight$")
+MODULE_KEYS = ("net", "var_sched", "arcface", "farl")
+
+
+class CheckpointError(InputError):
+    """A checkpoint file is missing, unreadable or does not fit the model."""
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint dict safely (weights_only); errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(
+            f"{path}: checkpoint not found. The released OFER checkpoints go in checkpoint/ "
+            "(see checkpoint/README.md); the demo checkpoints are made by `python demo.py`."
+        )
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for corrupt or unsafe files
+        raise CheckpointError(f"{path}: not a readable weights-only checkpoint ({err})") from err
+    if not isinstance(ckpt, dict) or "net" not in ckpt:
+        raise CheckpointError(f"{path}: not an OFER checkpoint (expected a dict with a 'net' entry)")
+    return ckpt
+
+
+def init_projections(module: nn.Module, keys: list[str], seed: int = PROJECTION_SEED) -> None:
+    """Initialise the named projection weights like a default Conv1d, from a fixed seed."""
+    generator = torch.Generator().manual_seed(seed)
+    params = dict(module.named_parameters())
+    with torch.no_grad():
+        for key in sorted(keys):
+            weight = params[key]
+            value = torch.empty(weight.shape, dtype=torch.float32)
+            nn.init.kaiming_uniform_(value, a=math.sqrt(5), generator=generator)
+            weight.copy_(value)
+
+
+def load_module_state(module: nn.Module, state: dict[str, torch.Tensor], what: str, path: Path) -> None:
+    """Load `state` into `module`, tolerating only what original files are known to lack.
+
+    Missing attention projections are initialised deterministically (with a warning); any
+    other missing or unexpected key, or a shape mismatch, is an error naming the keys.
+    """
+    state = {k: v for k, v in state.items() if not _STRAY_ORIGINAL_KEY.search(k)}
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    missing_projections = [k for k in missing if _PROJECTION_KEY.search(k)]
+    missing_other = [k for k in missing if not _PROJECTION_KEY.search(k)]
+    if missing_other or unexpected:
+        raise CheckpointError(
+            f"{path}: '{what}' does not match the model: missing keys {missing_other[:10]}"
+            f"{' ...' if len(missing_other) > 10 else ''} ({len(missing_other)} in all), unexpected keys "
+            f"{unexpected[:10]}{' ...' if len(unexpected) > 10 else ''} ({len(unexpected)} in all)"
+        )
+    wrong = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in state.items() if v.shape != own[k].shape]
+    if wrong:
+        raise CheckpointError(f"{path}: '{what}' has shape mismatches: {'; '.join(wrong[:10])}")
+    module.load_state_dict(state, strict=False)
+    if missing_projections:
+        init_projections(module, missing_projections)
+        log.warning(
+            "%s: '%s' has no attention projections (an original-format checkpoint); "
+            "%d projection weights were initialised from the fixed seed %d",
+            path, what, len(missing_projections), PROJECTION_SEED,
+        )
+
+
+def load_checkpoint(path: str | Path, model: nn.Module) -> dict[str, Any]:
+    """Read an original or our checkpoint and load it into a stage module; return the dict."""
+    ckpt = read_checkpoint(path)
+    load_state(ckpt, model, path)
+    return ckpt
+
+
+def checkpoint_config(ckpt: dict[str, Any], fallback: str | Path) -> Config:
+    """The config a checkpoint of ours was trained with; for original files, the YAML `fallback`."""
+    saved = ckpt.get("config")
+    return config_from_dict(saved) if isinstance(saved, dict) else load_config(fallback)
+
+
+def load_state(ckpt: dict[str, Any], model: nn.Module, path: str | Path) -> None:
+    """Load the entries of a checkpoint dict read from `path` into a stage module.
+
+    Each of `net`, `var_sched`, `arcface`, `farl` that the model has as a submodule is
+    loaded from the entry of the same name; a model part without an entry is an error
+    (except `var_sched`, whose buffers are recomputed from the config when absent).
+    """
+    path = Path(path)
+    for key in MODULE_KEYS:
+        part = getattr(model, key, None)
+        if not isinstance(part, nn.Module):
+            continue
+        if key not in ckpt:
+            if key == "var_sched":
+                continue
+            raise CheckpointError(f"{path}: the model has '{key}' but the checkpoint has no '{key}' entry")
+        if key == "var_sched":
+            _check_schedule(part, ckpt[key], path)
+            continue
+        load_module_state(part, ckpt[key], key, path)
+    log.info("loaded %s (%s)", path, ckpt.get("format", "original OFER format"))
+
+
+def _check_schedule(schedule: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    """The schedule comes from the config (varsched.*); warn where the file's buffers differ.
+
+    Buffers are compared by name; the original schedule's extra buffers are ignored.
+    """
+    own = schedule.state_dict()
+    for key, value in state.items():
+        if key in own and (value.shape != own[key].shape or not torch.allclose(value.float(), own[key], atol=1e-6)):
+            log.warning("%s: var_sched.%s differs from the configured schedule; the config is used", path, key)
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, **extra: Any) -> None:
+    """Write the model parts under the original keys, plus `extra` entries, atomically."""
+    ckpt: dict[str, Any] = {"format": FORMAT}
+    for key in MODULE_KEYS:
+        part = getattr(model, key, None)
+        if isinstance(part, nn.Module):
+            ckpt[key] = {k: v.detach().cpu() for k, v in part.state_dict().items()}
+    ckpt.update(extra)
+    with atomic_write(path) as tmp:
+        torch.save(ckpt, tmp)

@@ -1,0 +1,122 @@
+"""The three OFER stages as modules: IdGen, ExpGen (one class, two configs) and IdRank.
+
+A stage owns its image encoders (`arcface`, `farl`) and its network (`net`, plus the noise
+schedule `var_sched` for the diffusion stages). The attribute names equal the keys of the
+original checkpoints, so `ofer.checkpoints.load_checkpoint` maps them one to one.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ofer.config import Config
+from ofer.diffusion import Denoiser, NoiseSchedule, diffusion_loss, sample
+from ofer.encoders import build_arcface, build_farl
+from ofer.models.idrank import IdRankNet
+
+
+class ImageContext(nn.Module):
+    """Encodes the two crops into the conditioning vector [FaRL f, ArcFace a] (SPEC §1).
+
+    `expencoder` picks the towers: `arcface` (512), `farl` (512) or `arcfarl` (1024).
+    """
+
+    def __init__(self, cfg: Config, load_weights: bool):
+        super().__init__()
+        m = cfg.model
+        self.uses_farl = m.expencoder in ("farl", "arcfarl")
+        self.uses_arcface = m.expencoder in ("arcface", "arcfarl")
+        self.farl = (
+            build_farl(m.tiny_encoders, m.farl_weights if load_weights else None) if self.uses_farl else None
+        )
+        self.arcface = (
+            build_arcface(m.tiny_encoders, m.arcface_weights if load_weights else None, m.with_freeze)
+            if self.uses_arcface
+            else None
+        )
+
+    @property
+    def context_dim(self) -> int:
+        return 512 * (int(self.uses_farl) + int(self.uses_arcface))
+
+    def encode(self, image: torch.Tensor, arcface: torch.Tensor) -> torch.Tensor:
+        """image (B,3,224,224) CLIP-normalised, arcface (B,3,112,112) -> context (B, C)."""
+        parts = []
+        if self.farl is not None:
+            parts.append(self.farl(image))
+        if self.arcface is not None:
+            parts.append(self.arcface(arcface))
+        return torch.cat(parts, dim=1)
+
+
+class DiffusionStage(ImageContext):
+    """IdGen (FLAME shape, 300) or ExpGen (50 expression + 3 jaw): encoders + Denoiser.
+
+    IdGen and ExpGen differ only by config (`net.flame_dim`, `net.context_dim`, `net.dims`,
+    `model.expencoder`).
+    """
+
+    def __init__(self, cfg: Config, load_weights: bool = True):
+        super().__init__(cfg, load_weights)
+        if self.context_dim != cfg.net.context_dim:
+            raise ValueError(
+                f"net.context_dim={cfg.net.context_dim} but model.expencoder={cfg.model.expencoder!r} "
+                f"gives {self.context_dim}"
+            )
+        self.net = Denoiser(cfg.net.flame_dim, cfg.net.context_dim, cfg.net.dims, cfg.net.numqkv)
+        v = cfg.varsched
+        self.var_sched = NoiseSchedule(v.num_steps, v.beta_1, v.beta_T)
+        self.losstype = cfg.net.losstype
+
+    @property
+    def flame_dim(self) -> int:
+        return self.net.flame_dim
+
+    def loss(self, context: torch.Tensor, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Noise-prediction loss for targets x0 (B, D) given contexts (B, C)."""
+        return diffusion_loss(lambda x, t: self.net(x, t, context), self.var_sched, x0, self.losstype, generator)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        context: torch.Tensor,
+        num_samples: int,
+        sampler: str = "ddim",
+        steps: int | None = None,
+        eta: float = 0.0,
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """Draw `num_samples` coefficient vectors per context: (B, C) -> (B, N, D), in one batch."""
+        b = context.shape[0]
+        ctx = context.repeat_interleave(num_samples, dim=0)  # (B*N, C), samples of one image adjacent
+        x = sample(
+            lambda x, t: self.net(x, t, ctx),
+            self.var_sched,
+            (b * num_samples, self.flame_dim),
+            sampler=sampler,
+            steps=steps,
+            eta=eta,
+            generator=generator,
+            device=context.device,
+            progress=progress,
+        )
+        return x.view(b, num_samples, self.flame_dim)
+
+
+class IdRank(ImageContext):
+    """Scores N shape samples of one image from their front-face meshes (SPEC §6)."""
+
+    def __init__(self, cfg: Config, shape_dim: int, load_weights: bool = True):
+        super().__init__(cfg, load_weights)
+        if self.context_dim != cfg.net.context_dim:
+            raise ValueError(
+                f"net.context_dim={cfg.net.context_dim} but model.expencoder={cfg.model.expencoder!r} "
+                f"gives {self.context_dim}"
+            )
+        self.net = IdRankNet(shape_dim=shape_dim, context_dim=cfg.net.context_dim)
+
+    def scores(self, features: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """features (B, N, 2*shape_dim), context (B, C) -> scores (B, N)."""
+        return self.net(features, context)

@@ -1,0 +1,26 @@
+"""Command line shared by trainIdGen.py, trainExpGen.py and trainIdRank.py."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from ofer.config import load_config
+from ofer.train.trainer import Trainer
+
+
+def main(stage: str, argv: list[str] | None = None) -> None:
+    """Parse `--cfg`, `--opt` and `--resume`, then train the given stage."""
+    parser = argparse.ArgumentParser(description=f"Train OFER's {stage} stage from a YAML config.")
+    parser.add_argument("--cfg", required=True, help="stage config (YAML), e.g. configs/demo/idgen.yml")
+    parser.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --opt train.diff_lr=1e-4 (repeatable)")
+    parser.add_argument("--resume", action="store_true", help="continue from <train.output_dir>/last.tar")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = load_config(args.cfg, args.opt)
+    if cfg.stage != stage:
+        parser.error(f"{args.cfg} is a '{cfg.stage}' config, but this script trains '{stage}'")
+    path = Trainer(cfg, resume=args.resume).fit()
+    logging.getLogger("ofer.train").info("finished; last checkpoint: %s", path)

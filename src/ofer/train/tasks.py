@@ -1,0 +1,165 @@
+"""Stage-specific training logic: what a batch means, the loss, and the validation metric.
+
+The trainer loop (`ofer.train.trainer`) is shared; each stage contributes one `Task`, an
+`nn.Module` whose `forward(batch)` returns the loss (so DDP can wrap it) and whose
+`validate(batch, generator)` returns named metrics. Batches come from `ofer.data.datasets`:
+`image` (B, K, 3, 224, 224), `arcface` (B, K, 3, 112, 112) and the FLAME targets.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from ofer.checkpoints import checkpoint_config, load_state, read_checkpoint
+from ofer.config import Config
+from ofer.flame import FLAME
+from ofer.io import load_array
+from ofer.models.idrank import front_vertex_errors, listnet_loss, rank_features
+from ofer.models.stages import DiffusionStage, IdRank
+
+log = logging.getLogger(__name__)
+
+Batch = dict[str, Any]
+
+
+def flatten_images(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, K, 3, H, W) crops -> (B*K, 3, H, W), for the 224 and the 112 crop."""
+    return batch["image"].flatten(0, 1), batch["arcface"].flatten(0, 1)
+
+
+def build_flame(cfg: Config) -> FLAME:
+    """The FLAME layer named by the config (landmarks are not needed for training)."""
+    return FLAME(cfg.model.flame_model_path, n_shape=cfg.model.n_shape, n_exp=cfg.model.n_exp)
+
+
+def load_front_indices(cfg: Config) -> torch.Tensor:
+    """The front-face vertex indices used by IdRank (1785 for FLAME), as a long tensor."""
+    return torch.from_numpy(load_array(cfg.model.front_indices_path, (None,)).astype("int64"))
+
+
+def param_groups(module: nn.Module, cfg: Config) -> list[dict]:
+    """AdamW groups with the per-module learning rates of the config (frozen parts left out)."""
+    lrs = {"net": cfg.train.rank_lr if cfg.stage == "idrank" else cfg.train.diff_lr,
+           "arcface": cfg.train.arcface_lr, "farl": cfg.train.farl_lr}
+    groups = []
+    for name, lr in lrs.items():
+        part = getattr(module, name, None)
+        params = [p for p in part.parameters() if p.requires_grad] if isinstance(part, nn.Module) else []
+        if params:
+            groups.append({"name": name, "params": params, "lr": lr})
+    return groups
+
+
+class DiffusionTask(nn.Module):
+    """IdGen (target: shape) and ExpGen (target: 50 expression + 3 jaw)."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        self.model = DiffusionStage(cfg)
+        self.flame = build_flame(cfg)
+
+    def targets(self, batch: Batch) -> torch.Tensor:
+        """FLAME targets per image: (B*K, D)."""
+        x0 = batch["shape"][:, : self.model.flame_dim] if self.cfg.stage == "idgen" else batch["target"]
+        return x0.repeat_interleave(batch["image"].shape[1], dim=0)  # every image of an actor shares x0
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        image, arcface = flatten_images(batch)
+        context = self.model.encode(image, arcface)
+        return self.model.loss(context, self.targets(batch))
+
+    def meshes_mm(self, coeffs: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
+        """FLAME vertices in mm from sampled/true coefficients (B, D) and shapes (B, n_shape)."""
+        if self.cfg.stage == "idgen":
+            return self.flame(coeffs) * 1000.0
+        n_exp = self.cfg.model.n_exp
+        jaw = coeffs[:, n_exp : n_exp + 3]
+        return self.flame(shape, expression=coeffs[:, :n_exp], jaw=jaw) * 1000.0
+
+    @torch.no_grad()
+    def validate(self, batch: Batch, generator: torch.Generator) -> dict[str, float]:
+        """Mean vertex error (mm) of sampled FLAME meshes vs ground truth, and of a trivial baseline.
+
+        IdGen's baseline is the mean shape (zero coefficients), ExpGen's the neutral face.
+        """
+        image, arcface = flatten_images(batch)
+        context = self.model.encode(image, arcface)
+        x0 = self.targets(batch)
+        shape = batch["shape"][:, : self.cfg.model.n_shape].repeat_interleave(batch["image"].shape[1], dim=0)
+        t = self.cfg.test
+        samples = self.model.sample(context, 1, t.sampling if self.cfg.stage == "idgen" else t.exp_sampling,
+                                    t.steps if self.cfg.stage == "idgen" else t.exp_steps, t.eta, generator)[:, 0]
+        truth = self.meshes_mm(x0, shape)
+        err = (self.meshes_mm(samples, shape) - truth).norm(dim=-1).mean()
+        base = (self.meshes_mm(torch.zeros_like(x0), shape) - truth).norm(dim=-1).mean()
+        return {"val/vertex_error_mm": err.item(), "val/baseline_error_mm": base.item()}
+
+
+class IdRankTask(nn.Module):
+    """IdRank: a frozen IdGen proposes N shapes per image; the ranker learns ListNet targets."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        self.flame = build_flame(cfg)
+        self.register_buffer("front_idx", load_front_indices(cfg), persistent=False)
+        self.model = IdRank(cfg, shape_dim=3 * len(self.front_idx))
+        self.idgen = self._frozen_idgen(cfg)
+
+    @staticmethod
+    def _frozen_idgen(cfg: Config) -> DiffusionStage:
+        """Build IdGen from the config saved in its checkpoint (else `idrank.idgen_config`), frozen."""
+        path = cfg.idrank.idgen_checkpoint
+        ckpt = read_checkpoint(path)
+        idgen = DiffusionStage(checkpoint_config(ckpt, cfg.idrank.idgen_config), load_weights=False)
+        load_state(ckpt, idgen, path)
+        idgen.requires_grad_(False).eval()
+        return idgen
+
+    def sample_meshes(self, image: torch.Tensor, arcface: torch.Tensor) -> torch.Tensor:
+        """N IdGen shape samples per image as neutral FLAME meshes in mm: (B, N, V, 3)."""
+        r = self.cfg.idrank
+        with torch.no_grad():
+            context = self.idgen.encode(image, arcface)
+            shapes = self.idgen.sample(context, r.numsamples, r.sampling, r.steps)  # (B, N, 300)
+            b, n, _ = shapes.shape
+            verts = self.flame(shapes.flatten(0, 1)) * 1000.0  # (B*N, V, 3)
+        return verts.view(b, n, -1, 3)
+
+    def _scores_and_errors(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        image, arcface = flatten_images(batch)
+        k = batch["image"].shape[1]
+        meshes = self.sample_meshes(image, arcface)  # (B*K, N, V, 3)
+        shape = batch["shape"][:, : self.cfg.model.n_shape].repeat_interleave(k, dim=0)
+        with torch.no_grad():
+            truth = self.flame(shape) * 1000.0  # (B*K, V, 3)
+        errors = front_vertex_errors(meshes, truth, self.front_idx)  # (B*K, N)
+        features = rank_features(meshes, self.front_idx)  # (B*K, N, 2*shape_dim)
+        scores = self.model.scores(features, self.model.encode(image, arcface))
+        return scores, errors
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        scores, errors = self._scores_and_errors(batch)
+        return listnet_loss(scores, errors)
+
+    @torch.no_grad()
+    def validate(self, batch: Batch, generator: torch.Generator) -> dict[str, float]:
+        """Error of the ranked pick vs a random sample vs the oracle best sample (mm)."""
+        scores, errors = self._scores_and_errors(batch)
+        pick = errors.gather(1, scores.argmax(dim=1, keepdim=True)).mean()
+        return {
+            "val/ranked_error_mm": pick.item(),
+            "val/random_error_mm": errors.mean().item(),
+            "val/oracle_error_mm": errors.min(dim=1).values.mean().item(),
+            "val/top1_accuracy": (scores.argmax(1) == errors.argmin(1)).float().mean().item(),
+        }
+
+
+def build_task(cfg: Config) -> nn.Module:
+    """The task object of the configured stage."""
+    return IdRankTask(cfg) if cfg.stage == "idrank" else DiffusionTask(cfg)

@@ -1,0 +1,256 @@
+"""One training loop for IdGen, ExpGen and IdRank (the stage-specific part is a Task).
+
+Reproducibility and resuming: the batch drawn at step s depends only on (seed, step, rank),
+item randomness (image choice, occlusion) on (seed, step, index), and the model's own
+randomness on the torch RNG, whose state is saved in every checkpoint. A run killed after
+a checkpoint and resumed with ``--resume`` therefore continues exactly (on CPU).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from ofer.checkpoints import load_state, read_checkpoint, save_checkpoint
+from ofer.config import Config, config_to_dict
+from ofer.data.datasets import ExpressionDataset, IdentityDataset
+from ofer.train.tasks import build_task, param_groups
+
+log = logging.getLogger(__name__)
+
+PRIMARY_METRIC = {"idgen": "val/vertex_error_mm", "expgen": "val/vertex_error_mm", "idrank": "val/ranked_error_mm"}
+
+
+class StepBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Yields, for every step from `start_step`, the batch of (step, item index) pairs.
+
+    Items are drawn uniformly (actors are mixed in proportion to their count) from a
+    generator seeded by (seed, step, rank), so any step's batch can be recreated.
+    """
+
+    def __init__(self, num_items: int, batch_size: int, seed: int, start_step: int, max_steps: int, rank: int = 0):
+        self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
+        self.start_step, self.max_steps, self.rank = start_step, max_steps, rank
+
+    def __len__(self) -> int:
+        return max(0, self.max_steps - self.start_step)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for step in range(self.start_step, self.max_steps):
+            rng = np.random.default_rng([self.seed, step, self.rank])
+            replace = self.batch_size > self.num_items
+            idx = rng.choice(self.num_items, self.batch_size, replace=replace)
+            yield [(step, int(i)) for i in idx]
+
+
+class StepIndexed(Dataset):
+    """Adapts a dataset with `set_epoch` so an item is addressed by (step, index)."""
+
+    def __init__(self, dataset: Any):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        step, index = key
+        self.dataset.set_epoch(step)
+        return self.dataset[index]
+
+
+def build_dataset(cfg: Config, split: str) -> Any:
+    """The identity (IdGen, IdRank) or expression (ExpGen) dataset of a split."""
+    names = cfg.dataset.training_data if split == "train" else cfg.dataset.validation_data
+    if cfg.stage == "expgen":
+        return ExpressionDataset(cfg.dataset, names, n_exp=cfg.model.n_exp, split=split, seed=cfg.train.seed)
+    return IdentityDataset(cfg.dataset, names, n_shape=cfg.model.n_shape, split=split, seed=cfg.train.seed)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+@dataclass
+class Distributed:
+    """Process placement: one process on CPU/GPU, or one per GPU under torchrun."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(requested: str) -> Distributed:
+    """Join the torchrun process group when WORLD_SIZE > 1; pick the device otherwise."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1:
+        local_rank = int(os.environ["LOCAL_RANK"])
+        use_cuda = torch.cuda.is_available() and requested != "cpu"
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+        device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+        return Distributed(dist.get_rank(), world_size, device)
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    return Distributed(0, 1, torch.device(requested))
+
+
+class Trainer:
+    """Builds the task, optimiser, scheduler and data of a stage and runs the loop."""
+
+    def __init__(self, cfg: Config, resume: bool = False):
+        self.cfg = cfg
+        self.out = Path(cfg.train.output_dir)
+        self.place = setup_distributed(cfg.train.device)
+        torch.manual_seed(cfg.train.seed)
+        self.task = build_task(cfg).to(self.place.device)
+        self.optimizer = torch.optim.AdamW(param_groups(self.task.model, cfg), weight_decay=cfg.train.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            self.optimizer, factor=cfg.train.lr_factor, patience=cfg.train.lr_patience
+        )
+        self.ema = (
+            AveragedModel(self.task.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay))
+            if cfg.train.ema_decay
+            else None
+        )
+        self.step = 0
+        self.best = math.inf
+        if resume:
+            self._resume()
+        self.train_set = build_dataset(cfg, "train")
+        self.val_set = build_dataset(cfg, "val") if cfg.dataset.validation_data else None
+        self.amp = cfg.train.amp and self.place.device.type == "cuda"
+
+    # ------------------------------------------------------------------ checkpoints
+    def _resume(self) -> None:
+        path = self.out / "last.tar"
+        if not path.is_file():
+            log.info("--resume: no %s yet, starting from scratch", path)
+            return
+        ckpt = read_checkpoint(path)
+        load_state(ckpt, self.task.model, path)
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        if self.ema is not None and "ema" in ckpt:
+            self.ema.load_state_dict(ckpt["ema"])
+        self.step, self.best = ckpt["step"], ckpt["best"]
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if torch.cuda.is_available() and ckpt["rng"].get("cuda"):
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        log.info("resumed from %s at step %d", path, self.step)
+
+    def save(self, name: str) -> Path:
+        path = self.out / name
+        rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+        extra = {
+            "config": config_to_dict(self.cfg),
+            "step": self.step,
+            "best": self.best,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": rng,
+        }
+        if self.ema is not None:
+            extra["ema"] = self.ema.state_dict()
+        save_checkpoint(path, self.task.model, **extra)
+        return path
+
+    # ------------------------------------------------------------------ loop
+    def _loader(self, dataset: Any, start: int, stop: int, seed: int, rank: int) -> DataLoader:
+        sampler = StepBatchSampler(len(dataset), self.cfg.dataset.batch_size, seed, start, stop, rank)
+        workers = self.cfg.dataset.num_workers
+        return DataLoader(StepIndexed(dataset), batch_sampler=sampler, num_workers=workers,
+                          persistent_workers=False, pin_memory=self.place.device.type == "cuda")
+
+    def validate(self) -> dict[str, float]:
+        """Average the task's validation metrics over `val_batches` fixed batches (same on every rank)."""
+        self.task.eval()
+        generator = torch.Generator(self.place.device).manual_seed(self.cfg.train.seed)
+        sums: dict[str, float] = {}
+        loader = self._loader(self.val_set, 0, self.cfg.train.val_batches, self.cfg.train.seed + 1, rank=0)
+        for batch in loader:
+            for k, v in self.task.validate(to_device(batch, self.place.device), generator).items():
+                sums[k] = sums.get(k, 0.0) + v / len(loader)
+        self.task.train()
+        return sums
+
+    def fit(self) -> Path:
+        """Train until `train.max_steps`; return the path of the last checkpoint."""
+        cfg, place = self.cfg, self.place
+        model: nn.Module = self.task
+        if place.world_size > 1:
+            model = nn.parallel.DistributedDataParallel(
+                self.task, device_ids=[place.device.index] if place.device.type == "cuda" else None,
+                broadcast_buffers=False, find_unused_parameters=True,
+            )
+        writer = SummaryWriter(str(self.out / "tb")) if place.is_main else None
+        loader = self._loader(self.train_set, self.step, cfg.train.max_steps, cfg.train.seed, place.rank)
+        self.task.train()
+        bar = tqdm(total=cfg.train.max_steps, initial=self.step, disable=not place.is_main, desc=cfg.stage)
+        recent: list[float] = []
+        last = self.out / "last.tar"
+        for batch in loader:
+            batch = to_device(batch, place.device)
+            with torch.autocast(place.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                loss = model(batch)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.train.grad_clip:
+                nn.utils.clip_grad_norm_(self.task.parameters(), cfg.train.grad_clip)
+            self.optimizer.step()
+            if self.ema is not None:
+                self.ema.update_parameters(self.task.model)
+            self.step += 1
+            recent.append(loss.item())
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            if writer and self.step % cfg.train.log_steps == 0:
+                writer.add_scalar("train/loss", float(np.mean(recent[-cfg.train.log_steps :])), self.step)
+                for group in self.optimizer.param_groups:
+                    writer.add_scalar(f"lr/{group['name']}", group["lr"], self.step)
+            done = self.step >= cfg.train.max_steps
+            if self.step % cfg.train.val_steps == 0 or done:
+                self._after_validation(writer, recent)
+                recent = []
+            if place.is_main and (self.step % cfg.train.checkpoint_steps == 0 or done):
+                last = self.save("last.tar")
+        bar.close()
+        if writer:
+            writer.close()
+        if place.world_size > 1:
+            dist.destroy_process_group()
+        return last
+
+    def _after_validation(self, writer: SummaryWriter | None, recent: list[float]) -> None:
+        """Validate (or fall back to the mean training loss), step the LR scheduler, keep the best."""
+        metrics = self.validate() if self.val_set is not None else {}
+        key = PRIMARY_METRIC[self.cfg.stage]
+        value = metrics.get(key, float(np.mean(recent)) if recent else math.inf)
+        self.scheduler.step(value)
+        if writer:
+            for k, v in metrics.items():
+                writer.add_scalar(k, v, self.step)
+        if metrics:
+            log.info("step %d: %s", self.step, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        if value < self.best:
+            self.best = value
+            if self.place.is_main:
+                self.save("best.tar")
+

@@ -1,0 +1,6 @@
+"""Train IdRank (see README: Training). Usage: python trainIdRank.py --cfg configs/demo/idrank.yml [--opt key=value] [--resume]"""
+
+from ofer.train.cli import main
+
+if __name__ == "__main__":
+    main("idrank")
