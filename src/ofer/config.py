@@ -142,6 +142,10 @@ class TestConfig:
     exp_sampling: Literal["ddpm", "ddim", "ddim_legacy"] = "ddpm"  # ExpGen
     exp_steps: Optional[int] = None
     seed: int = 0
+    # Stage configs for checkpoints that carry none (the released original files).
+    idgen_config: str = "configs/idgen_flame20.yml"
+    expgen_config: str = "configs/expgen_flame20.yml"
+    idrank_config: str = "configs/idrank_flame20.yml"
 
 
 @dataclass

@@ -1,0 +1,101 @@
+"""Write one image's reconstruction to disk: original files, parameters, landmarks, pictures.
+
+Layout under the output folder (SPEC §11, ours added):
+  shapesample/<name>_<c>.ply         best-ranked neutral shape (mm), as the original
+  flamesample/<name>_<c>_<k>.ply     expression samples k < test.num_saved_expressions (mm)
+  <name>.npz                         all sampled shapes, scores, expressions, jaws, the pick
+  <name>/kpt7.npy, <name>/kpt68.npy  3D landmarks of the neutral shape (mm), for NoW
+  <name>/overlay.png                 the best shape drawn over the aligned input crop
+  <name>/samples.png                 contact sheet of the expression samples
+  <name>/done.json                   written last: a re-run skips images that have it
+`<c>` is the original `--numcheckpoint` index (0 by default).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ofer.inference.pipeline import Reconstruction
+from ofer.io import atomic_write, save_npy, save_npz, write_image, write_ply
+from ofer.preprocess import ARCFACE_TEMPLATE
+from ofer.render import affine_project, fit_affine_camera, image_grid, render_mesh
+
+# iBUG-68 points matching the five ArcFace template keypoints (image-left eye first).
+_EYE_IMAGE_LEFT = list(range(36, 42))
+_EYE_IMAGE_RIGHT = list(range(42, 48))
+_NOSE_TIP, _MOUTH_LEFT, _MOUTH_RIGHT = 30, 48, 54
+SHEET_TILE = 160
+
+
+def done_marker(out: Path, name: str) -> Path:
+    return out / name / "done.json"
+
+
+def five_points(kpt68: np.ndarray) -> np.ndarray:
+    """The 3D counterparts (5, 3) of the ArcFace template points from 68 landmarks."""
+    return np.stack([
+        kpt68[_EYE_IMAGE_LEFT].mean(0), kpt68[_EYE_IMAGE_RIGHT].mean(0),
+        kpt68[_NOSE_TIP], kpt68[_MOUTH_LEFT], kpt68[_MOUTH_RIGHT],
+    ])
+
+
+def overlay_picture(arcface: np.ndarray, rec: Reconstruction, faces: np.ndarray, scale: int = 3) -> np.ndarray:
+    """[aligned crop | best shape over it], drawn with an affine camera fitted to the 5 points.
+
+    The ArcFace crop is aligned so its five keypoints sit on the template; fitting the mesh's
+    five 3D landmarks to those positions places the mesh on the face without a pose estimate.
+    """
+    crop = np.clip(arcface.transpose(1, 2, 0) * 127.5 + 127.5, 0, 255).astype(np.uint8)[..., ::-1]  # RGB->BGR
+    size = crop.shape[0] * scale
+    crop = np.ascontiguousarray(np.repeat(np.repeat(crop, scale, 0), scale, 1))
+    camera = fit_affine_camera(five_points(rec.kpt68_mm), ARCFACE_TEMPLATE * scale)
+    drawn, _ = render_mesh(affine_project(rec.neutral_mm, camera), faces, size, size, background=crop, alpha=0.6)
+    return np.concatenate([crop, drawn], axis=1)
+
+
+def frontal_view(vertices_mm: np.ndarray, faces: np.ndarray, size: int = SHEET_TILE) -> np.ndarray:
+    """A frontal orthographic rendering of a FLAME mesh (y up in FLAME -> up in the image)."""
+    centre = vertices_mm.mean(0)
+    extent = np.ptp(vertices_mm[:, :2], axis=0).max()
+    s = 0.9 * size / max(extent, 1e-6)
+    screen = np.stack([
+        size / 2 + s * (vertices_mm[:, 0] - centre[0]),
+        size / 2 - s * (vertices_mm[:, 1] - centre[1]),
+        vertices_mm[:, 2],
+    ], axis=1)
+    image, _ = render_mesh(screen, faces, size, size)
+    return image
+
+
+def samples_sheet(rec: Reconstruction, faces: np.ndarray, count: int) -> np.ndarray:
+    """Contact sheet: the neutral best shape then up to `count` expression samples."""
+    tiles = [frontal_view(rec.neutral_mm, faces)] + [frontal_view(v, faces) for v in rec.expression_mm[:count]]
+    labels = ["neutral"] + [f"exp {k}" for k in range(len(tiles) - 1)]
+    return image_grid(tiles, ncols=min(len(tiles), 6), labels=labels)
+
+
+def write_outputs(out: Path, name: str, rec: Reconstruction, faces: np.ndarray, arcface: np.ndarray,
+                  num_saved: int, index: int = 0) -> dict:
+    """Write every file of one image (each atomically), the done marker last; return its summary."""
+    write_ply(out / "shapesample" / f"{name}_{index}.ply", rec.neutral_mm, faces)
+    for k in range(min(num_saved, len(rec.expression_mm))):
+        write_ply(out / "flamesample" / f"{name}_{index}_{k}.ply", rec.expression_mm[k], faces)
+    save_npz(out / f"{name}.npz", shapes=rec.shapes, scores=rec.scores, best=np.int64(rec.best),
+             expressions=rec.expressions, jaws=rec.jaws)
+    save_npy(out / name / "kpt7.npy", rec.kpt7_mm)
+    save_npy(out / name / "kpt68.npy", rec.kpt68_mm)
+    write_image(out / name / "overlay.png", overlay_picture(arcface, rec, faces))
+    write_image(out / name / "samples.png", samples_sheet(rec, faces, min(num_saved, 11)))
+    summary = {
+        "name": name,
+        "best_sample": rec.best,
+        "num_shapes": int(len(rec.shapes)),
+        "num_expressions": int(len(rec.expressions)),
+        "best_score": float(rec.scores[rec.best]),
+    }
+    with atomic_write(done_marker(out, name)) as tmp:
+        tmp.write_text(json.dumps(summary, indent=2))
+    return summary

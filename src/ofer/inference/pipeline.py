@@ -1,0 +1,138 @@
+"""The OFER pipeline: crops -> N IdGen shapes -> IdRank pick -> M ExpGen expressions -> FLAME.
+
+It reads like the method figure (SPEC §1): encode, sample identities, rank them, sample
+expressions for the chosen identity, and build the meshes.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from ofer.checkpoints import checkpoint_config, load_state, read_checkpoint
+from ofer.config import Config, TestConfig
+from ofer.encoders.normalise import FARL_SIZE, clip_normalise
+from ofer.flame import FLAME
+from ofer.io import load_array, read_image
+from ofer.models.idrank import rank_features
+from ofer.models.stages import DiffusionStage, IdRank
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Reconstruction:
+    """Everything the pipeline produces for one image (meshes in millimetres)."""
+
+    shapes: np.ndarray  # (N, n_shape) IdGen samples
+    scores: np.ndarray  # (N,) IdRank scores
+    best: int  # index of the ranked pick
+    expressions: np.ndarray  # (M, n_exp) ExpGen samples
+    jaws: np.ndarray  # (M, 3) sampled jaw pose (before jaw_scale)
+    neutral_mm: np.ndarray  # (V, 3) best shape, neutral expression
+    expression_mm: np.ndarray  # (M, V, 3) best shape with each sampled expression
+    kpt68_mm: np.ndarray  # (68, 3) landmarks of the neutral mesh
+    kpt7_mm: np.ndarray  # (7, 3) NoW landmarks of the neutral mesh
+
+
+def load_inputs(image_path: Path) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """Read one preprocessed face: the 224 crop (.jpg) and its ArcFace array (.npy beside it).
+
+    Returns the CLIP-normalised crop (3, 224, 224), the ArcFace input (3, 112, 112) and the
+    crop as BGR uint8 for pictures. Errors name the file.
+    """
+    crop = read_image(image_path)
+    arcface = load_array(image_path.with_suffix(".npy"), (3, 112, 112)).astype(np.float32)
+    return farl_input(crop), torch.from_numpy(arcface), crop
+
+
+def farl_input(crop_bgr: np.ndarray) -> torch.Tensor:
+    """BGR uint8 crop (H, W, 3) -> CLIP-normalised RGB tensor (3, 224, 224)."""
+    if crop_bgr.shape[:2] != (FARL_SIZE, FARL_SIZE):
+        crop_bgr = cv2.resize(crop_bgr, (FARL_SIZE, FARL_SIZE), interpolation=cv2.INTER_CUBIC)
+    rgb = torch.from_numpy(np.ascontiguousarray(crop_bgr[..., ::-1])).permute(2, 0, 1).float() / 255.0
+    return clip_normalise(rgb)
+
+
+class OferPipeline:
+    """IdGen + IdRank + ExpGen + FLAME, ready to reconstruct batches of preprocessed faces."""
+
+    def __init__(self, idgen: DiffusionStage, idrank: IdRank, expgen: DiffusionStage, flame: FLAME,
+                 front_idx: torch.Tensor, test: TestConfig, jaw_scale: float, device: torch.device):
+        self.idgen, self.idrank, self.expgen = (m.to(device).eval() for m in (idgen, idrank, expgen))
+        self.flame = flame.to(device)
+        self.front_idx = front_idx.to(device)
+        self.test, self.jaw_scale, self.device = test, jaw_scale, device
+        self.n_exp = expgen.flame_dim - 3
+
+    @classmethod
+    def from_checkpoints(cls, cfg: Config, idrank_path: str | Path, idgen_path: str | Path,
+                         expgen_path: str | Path, device: torch.device) -> "OferPipeline":
+        """Build the stages from their checkpoints (original OFER files or ours).
+
+        Our checkpoints carry their config; original files use the YAMLs named in `test.*_config`.
+        FLAME assets, front-face indices and `jaw_scale` come from `cfg.model`.
+        """
+        stages = {}
+        for name, path, fallback in (("idgen", idgen_path, cfg.test.idgen_config),
+                                     ("expgen", expgen_path, cfg.test.expgen_config),
+                                     ("idrank", idrank_path, cfg.test.idrank_config)):
+            ckpt = read_checkpoint(path)
+            stage_cfg = checkpoint_config(ckpt, fallback)
+            stages[name] = (stage_cfg, ckpt, path)
+        front_idx = torch.from_numpy(load_array(cfg.model.front_indices_path, (None,)).astype(np.int64))
+        idgen = DiffusionStage(stages["idgen"][0], load_weights=False)
+        expgen = DiffusionStage(stages["expgen"][0], load_weights=False)
+        idrank = IdRank(stages["idrank"][0], shape_dim=3 * len(front_idx), load_weights=False)
+        for module, (_, ckpt, path) in zip((idgen, expgen, idrank), stages.values()):
+            load_state(ckpt, module, path)
+        flame = FLAME(cfg.model.flame_model_path, n_shape=idgen.flame_dim, n_exp=expgen.flame_dim - 3,
+                      landmark_embedding_path=cfg.model.flame_lmk_embedding_path)
+        return cls(idgen, idrank, expgen, flame, front_idx, cfg.test, cfg.model.jaw_scale, device)
+
+    @torch.no_grad()
+    def __call__(self, image: torch.Tensor, arcface: torch.Tensor, generator: torch.Generator) -> list[Reconstruction]:
+        """image (B, 3, 224, 224) CLIP-normalised, arcface (B, 3, 112, 112) -> B reconstructions."""
+        t = self.test
+        image, arcface = image.to(self.device), arcface.to(self.device)
+        b = image.shape[0]
+
+        # IdGen: N shape samples per image, as neutral FLAME meshes in mm.
+        shapes = self.idgen.sample(self.idgen.encode(image, arcface), t.numsamples, t.sampling, t.steps, t.eta, generator)
+        n = shapes.shape[1]
+        meshes = self.flame(shapes.flatten(0, 1)).view(b, n, -1, 3) * 1000.0  # (B, N, V, 3)
+
+        # IdRank: score every sample from (mean, sample - mean) on the front face; keep the best.
+        scores = self.idrank.scores(rank_features(meshes, self.front_idx), self.idrank.encode(image, arcface))  # (B, N)
+        best = scores.argmax(dim=1)  # (B,)
+        best_shape = shapes[torch.arange(b), best]  # (B, n_shape)
+
+        # ExpGen: M expression + jaw samples per image, applied to the chosen identity.
+        m = t.num_expressions
+        exp = self.expgen.sample(self.expgen.encode(image, arcface), m, t.exp_sampling, t.exp_steps, t.eta, generator)
+        expressions, jaws = exp[..., : self.n_exp], exp[..., self.n_exp :]  # (B, M, 50), (B, M, 3)
+        expression_mm = self.flame(
+            best_shape.repeat_interleave(m, dim=0),
+            expression=expressions.flatten(0, 1),
+            jaw=self.jaw_scale * jaws.flatten(0, 1),
+        ).view(b, m, -1, 3) * 1000.0  # (B, M, V, 3)
+
+        neutral = self.flame(best_shape)  # (B, V, 3) metres
+        kpt68 = self.flame.landmarks68(neutral) * 1000.0
+        kpt7 = self.flame.landmarks7(neutral) * 1000.0
+        neutral_mm = neutral * 1000.0
+
+        return [
+            Reconstruction(
+                shapes=shapes[i].cpu().numpy(), scores=scores[i].cpu().numpy(), best=int(best[i]),
+                expressions=expressions[i].cpu().numpy(), jaws=jaws[i].cpu().numpy(),
+                neutral_mm=neutral_mm[i].cpu().numpy(), expression_mm=expression_mm[i].cpu().numpy(),
+                kpt68_mm=kpt68[i].cpu().numpy(), kpt7_mm=kpt7[i].cpu().numpy(),
+            )
+            for i in range(b)
+        ]
