@@ -1,0 +1,382 @@
+"""Tests of ofer.preprocess: alignment geometry, crops of a real photo, keypoint files, CLI."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+
+import cv2
+import numpy as np
+import pytest
+import skimage.data
+from skimage.transform import SimilarityTransform
+
+from ofer.io import InputError, load_array
+from ofer.preprocess import (
+    ARCFACE_TEMPLATE,
+    InsightFaceDetector,
+    arcface_crop,
+    arcface_input,
+    arcface_matrix_224_to_112,
+    box_from_keypoints,
+    farl_crop,
+    load_keypoints,
+    lookup_keypoints,
+    main,
+    pick_face,
+    prepare_face,
+    similarity_transform,
+    transform_points,
+)
+
+# Astronaut (skimage.data.astronaut, 512x512): 5 keypoints measured on the photo (pupils, nose
+# tip, mouth corners), checked by eye on an enlarged view, and a face box around brow-to-chin.
+ASTRONAUT_KPS = np.array([[205.0, 101.7], [246.8, 103.7], [224.7, 129.0], [201.7, 139.2], [245.3, 141.9]])
+ASTRONAUT_BOX = np.array([181.0, 62.0, 268.0, 172.0])
+
+
+@pytest.fixture(scope="module")
+def astronaut_bgr() -> np.ndarray:
+    return np.ascontiguousarray(skimage.data.astronaut()[:, :, ::-1])  # RGB -> BGR
+
+
+def _similarity(scale: float, degrees: float, tx: float, ty: float) -> np.ndarray:
+    angle = np.radians(degrees)
+    rotation = scale * np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    return np.concatenate([rotation, [[tx], [ty]]], axis=1)
+
+
+def _skimage_similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    if hasattr(SimilarityTransform, "from_estimate"):
+        return SimilarityTransform.from_estimate(src, dst).params[:2]
+    tform = SimilarityTransform()
+    tform.estimate(src, dst)
+    return tform.params[:2]
+
+
+def _box_iou(a: np.ndarray, b: np.ndarray) -> float:
+    width = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    height = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = width * height
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+# --------------------------------------------------------------------------- geometry
+
+
+def test_similarity_transform_recovers_known_similarity_and_matches_skimage():
+    rng = np.random.default_rng(0)
+    src = rng.uniform(0, 200, size=(7, 2))
+    truth = _similarity(0.37, 23.0, 12.5, -40.0)
+    np.testing.assert_allclose(similarity_transform(src, transform_points(truth, src)), truth, atol=1e-9)
+
+    noisy_dst = transform_points(truth, src) + rng.normal(0, 2.0, size=src.shape)
+    np.testing.assert_allclose(
+        similarity_transform(src, noisy_dst), _skimage_similarity(src, noisy_dst), atol=1e-9
+    )
+
+
+def test_similarity_transform_excludes_reflection():
+    rng = np.random.default_rng(1)
+    src = rng.uniform(-50, 50, size=(6, 2))
+    mirrored = src * np.array([-1.0, 1.0])  # best fit would be a reflection
+    matrix = similarity_transform(src, mirrored)
+    assert np.linalg.det(matrix[:, :2]) > 0
+    np.testing.assert_allclose(matrix, _skimage_similarity(src, mirrored), atol=1e-9)
+
+
+def test_similarity_transform_rejects_degenerate_input():
+    with pytest.raises(ValueError, match="coincide"):
+        similarity_transform(np.ones((5, 2)), ARCFACE_TEMPLATE)
+    with pytest.raises(ValueError, match="shape"):
+        similarity_transform(np.zeros((5, 3)), ARCFACE_TEMPLATE)
+
+
+def test_arcface_crop_puts_keypoints_on_template():
+    # Keypoints of a rotated, scaled face: the template pushed through a known similarity.
+    to_photo = _similarity(2.3, -17.0, 140.0, 60.0)
+    kps = transform_points(to_photo, ARCFACE_TEMPLATE)
+    image = np.zeros((400, 400, 3), np.uint8)
+    for x, y in kps:
+        cv2.circle(image, (round(x), round(y)), 6, (255, 255, 255), -1)
+
+    crop, matrix = arcface_crop(image, kps)
+
+    assert crop.shape == (112, 112, 3) and crop.dtype == np.uint8
+    np.testing.assert_allclose(transform_points(matrix, kps), ARCFACE_TEMPLATE, atol=1e-4)
+    # The pixels follow the matrix: each drawn disc appears at its template position.
+    for x, y in ARCFACE_TEMPLATE:
+        assert crop[round(y), round(x)].min() > 200
+    assert crop[5, 5].max() == 0 and crop[56, 56].max() == 0
+
+
+def test_arcface_input_colour_convention():
+    red = np.zeros((112, 112, 3), np.uint8)
+    red[:, :] = (0, 0, 255)  # pure red in BGR
+    array = arcface_input(red)
+    assert array.shape == (3, 112, 112) and array.dtype == np.float32
+    np.testing.assert_array_equal(array[0], 1.0)  # channel 0 is R
+    np.testing.assert_array_equal(array[1:], -1.0)
+    with pytest.raises(ValueError, match="112, 112, 3"):
+        arcface_input(np.zeros((224, 224, 3), np.uint8))
+
+
+def test_farl_crop_square_is_1_6_times_mean_box_side():
+    box = np.array([100.0, 50.0, 180.0, 170.0])  # w 80, h 120 -> side 1.6 * 100 = 160
+    image = np.full((300, 300, 3), 90, np.uint8)
+    crop, matrix = farl_crop(image, box)
+
+    assert crop.shape == (224, 224, 3)
+    corners = transform_points(matrix, box.reshape(2, 2))  # (2, 2) top-left, bottom-right
+    scale = 224 / 160
+    np.testing.assert_allclose(corners[1] - corners[0], [80 * scale, 120 * scale])
+    np.testing.assert_allclose(corners.mean(axis=0), [112, 112])
+    # The square's own corners are the crop's corners.
+    square = np.array([[140 - 80, 110 - 80], [140 + 80, 110 + 80]])
+    np.testing.assert_allclose(transform_points(matrix, square), [[0, 0], [224, 224]], atol=1e-9)
+    assert (crop == 90).all()  # the square lies inside the image: no border
+
+
+def test_farl_crop_border_is_black_outside_the_photo():
+    crop, _ = farl_crop(np.full((100, 100, 3), 200, np.uint8), np.array([0.0, 0.0, 50.0, 50.0]))
+    assert crop[0, 0].max() == 0 and crop[200, 200].min() == 200
+
+
+def test_matrix_224_to_112_maps_between_crops():
+    rng = np.random.default_rng(2)
+    m224, m112 = _similarity(0.8, 5.0, -30.0, 12.0), _similarity(0.4, -11.0, 7.0, -3.0)
+    photo_points = rng.uniform(0, 300, size=(10, 2))
+    mapped = transform_points(arcface_matrix_224_to_112(m224, m112), transform_points(m224, photo_points))
+    np.testing.assert_allclose(mapped, transform_points(m112, photo_points), atol=1e-9)
+
+
+def test_box_from_keypoints_close_to_detector_box_and_rotation_covariant():
+    box = box_from_keypoints(ASTRONAUT_KPS)
+    assert _box_iou(box, ASTRONAUT_BOX) > 0.7
+
+    # Rotating the keypoints about a point rotates the box centre with them.
+    rotation = cv2.getRotationMatrix2D((224.0, 120.0), 30.0, 1.0)
+    rotated_box = box_from_keypoints(transform_points(rotation, ASTRONAUT_KPS))
+    np.testing.assert_allclose(
+        (rotated_box[:2] + rotated_box[2:]) / 2,
+        transform_points(rotation, [(box[:2] + box[2:]) / 2])[0],
+        atol=1e-6,
+    )
+
+
+def test_prepare_face_on_real_photo(astronaut_bgr):
+    face = prepare_face(astronaut_bgr, ASTRONAUT_KPS, ASTRONAUT_BOX)
+
+    assert face.crop224.shape == (224, 224, 3) and face.arcface.shape == (3, 112, 112)
+    # A real face never fits the template exactly; measured keypoints land within 6 px of it.
+    assert np.abs(transform_points(face.m112, ASTRONAUT_KPS) - ARCFACE_TEMPLATE).max() < 6
+    # In the 224 crop the face is centred and face-sized: eyes above mouth, inter-ocular
+    # distance a fifth to a third of the crop.
+    kps224 = face.kps5_in_crop224
+    np.testing.assert_allclose(kps224, transform_points(face.m224, ASTRONAUT_KPS))
+    assert np.abs(kps224.mean(axis=0) - 112).max() < 25
+    assert kps224[:2, 1].max() < kps224[2, 1] < kps224[3:, 1].min()
+    assert 224 / 5 < np.linalg.norm(kps224[1] - kps224[0]) < 224 / 3
+    # Skin at the cheeks is red-dominant: R (channel 0 of the ArcFace input) above B.
+    cheeks = face.arcface[:, 70:80, 30:45]
+    assert cheeks[0].mean() > cheeks[2].mean() + 0.2
+    np.testing.assert_array_equal(face.arcface, arcface_input(face.crop112))
+    # The FaRL crop holds the same face: the nose tip's colour agrees between the two crops.
+    nose224 = face.crop224[round(kps224[2, 1]), round(kps224[2, 0])].astype(int)
+    nose112 = face.crop112[round(ARCFACE_TEMPLATE[2, 1]), round(ARCFACE_TEMPLATE[2, 0])].astype(int)
+    assert np.abs(nose224 - nose112).max() < 30
+
+
+# --------------------------------------------------------------------------- detector
+
+
+def test_pick_face_nearest_centre_above_threshold():
+    boxes = np.array([[0, 0, 20, 20], [90, 90, 110, 110], [80, 85, 120, 125]], float)
+    scores = np.array([0.99, 0.4, 0.9])
+    kps = np.zeros((3, 5, 2))
+    assert pick_face(boxes, scores, kps, (200, 200, 3)) == 1
+    assert pick_face(boxes, scores, kps, (200, 200, 3), min_score=0.5) == 2
+    assert pick_face(boxes, scores, kps, (200, 200, 3), min_score=0.999) is None
+    assert pick_face(np.zeros((0, 4)), np.zeros(0), np.zeros((0, 5, 2)), (200, 200)) is None
+
+
+def test_detector_missing_insightface_gives_install_hint(tmp_path, monkeypatch):
+    (tmp_path / "scrfd_10g_bnkps.onnx").write_bytes(b"")
+    monkeypatch.setitem(sys.modules, "insightface", None)  # makes `import insightface` fail
+    with pytest.raises(ImportError, match=r'pip install "ofer\[preprocess\]"'):
+        InsightFaceDetector(tmp_path)
+
+
+def test_detector_missing_model_folder_names_it(tmp_path):
+    missing = tmp_path / "antelopev2"
+    with pytest.raises(InputError, match="antelopev2.*not found.*pretrained/insightface/models/antelopev2"):
+        InsightFaceDetector(missing)
+    missing.mkdir()
+    with pytest.raises(InputError, match="no scrfd_10g_bnkps.onnx"):
+        InsightFaceDetector(missing)
+
+
+class _FakeSCRFD:
+    """Stands in for insightface's SCRFD: two faces, the astronaut's nearer the centre."""
+
+    def prepare(self, ctx_id, input_size, det_thresh):
+        self.prepared = (ctx_id, input_size, det_thresh)
+
+    def detect(self, image, input_size):
+        assert input_size == (224, 224)
+        det = np.array([[*ASTRONAUT_BOX, 0.95], [0, 0, 40, 40, 0.99]], np.float32)
+        kps = np.stack([ASTRONAUT_KPS, ASTRONAUT_KPS / 10]).astype(np.float32)
+        return det, kps
+
+
+def test_cli_detector_path_with_stub_insightface(tmp_path, monkeypatch, astronaut_bgr):
+    fake = types.ModuleType("insightface")
+    fake.model_zoo = types.SimpleNamespace(get_model=lambda path, providers: _FakeSCRFD())
+    monkeypatch.setitem(sys.modules, "insightface", fake)
+    models = tmp_path / "antelopev2"
+    models.mkdir()
+    (models / "scrfd_10g_bnkps.onnx").write_bytes(b"")
+    cv2.imwrite(str(tmp_path / "astronaut.png"), astronaut_bgr)
+
+    out = tmp_path / "out"
+    assert (
+        main(["--input", str(tmp_path / "astronaut.png"), "--out", str(out), "--detector-dir", str(models)])
+        == 0
+    )
+
+    report = json.loads((out / "preprocess_report.json").read_text())
+    np.testing.assert_allclose(report["processed"][0]["kps5"], ASTRONAUT_KPS, atol=0.01)
+    expected = prepare_face(astronaut_bgr, ASTRONAUT_KPS, ASTRONAUT_BOX).arcface
+    # float32 keypoints from the detector may move a pixel value by one level (1/127.5).
+    np.testing.assert_allclose(load_array(out / "astronaut.npy", (3, 112, 112)), expected, atol=0.01)
+
+
+# --------------------------------------------------------------------------- keypoint files
+
+
+def test_keypoint_text_and_json_formats_agree(tmp_path):
+    numbers = " ".join(f"{v:g}" for v in ASTRONAUT_KPS.ravel())
+    text = tmp_path / "kps.txt"
+    text.write_text(f"# name x1 y1 ... x5 y5 [box]\n\nphoto1 {numbers}\nsub/photo2.jpg {numbers} 1 2 30 40\n")
+    js = tmp_path / "kps.json"
+    js.write_text(
+        json.dumps(
+            {
+                "photo1": {"kps": ASTRONAUT_KPS.tolist()},
+                "sub/photo2.jpg": {"kps": ASTRONAUT_KPS.tolist(), "box": [1, 2, 30, 40]},
+            }
+        )
+    )
+
+    for table in (load_keypoints(text), load_keypoints(js)):
+        first = lookup_keypoints(table, "photo1.png")
+        np.testing.assert_allclose(first.kps5, ASTRONAUT_KPS)
+        assert first.box is None
+        np.testing.assert_allclose(lookup_keypoints(table, "sub/photo2.jpg").box, [1, 2, 30, 40])
+        assert lookup_keypoints(table, "photo3.jpg") is None
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("k.txt", "a 1 2 3 4 5 6 7 8 9 10\nb 1 2 3\n", r"k\.txt, line 2: .*found 3"),
+        ("k.txt", "\n\na 1 2 3 4 5 6 7 8 9 x\n", r"k\.txt, line 3: .*'x'"),
+        (
+            "k.txt",
+            "a 1 2 3 4 5 6 7 8 9 10\na 1 2 3 4 5 6 7 8 9 10\n",
+            r"k\.txt, line 2: 'a' already given on line 1",
+        ),
+        ("k.txt", "a 1 2 3 4 5 6 7 8 9 10 50 50 40 60\n", r"k\.txt, line 1: .*x2 > x1"),
+        ("k.json", '{\n "a": {"kps": [[1, 2]]},\n', r"k\.json, line 3: invalid JSON"),
+        ("k.json", '{"a": {"kps": [[1, 2], [3, 4]]}}', r"k\.json, entry 'a': .*\(5, 2\)"),
+        ("k.json", '{"a": {"points": []}}', r"k\.json, entry 'a': .*\"kps\""),
+    ],
+)
+def test_keypoint_file_errors_name_file_and_place(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(InputError, match=message):
+        load_keypoints(path)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def test_cli_keeps_going_and_reports_failures(tmp_path, astronaut_bgr):
+    images = tmp_path / "images"
+    images.mkdir()
+    small = cv2.resize(astronaut_bgr, (256, 256), interpolation=cv2.INTER_AREA)
+    small_kps = ASTRONAUT_KPS / 2
+    shifted = np.roll(small, (20, -30), axis=(0, 1))
+    cv2.imwrite(str(images / "a.png"), small)
+    cv2.imwrite(str(images / "b.png"), shifted)
+    cv2.imwrite(str(images / "nokps.png"), small)
+    (images / "corrupt.jpg").write_bytes(b"this is not a jpeg")
+    (images / "notes.md").write_text("ignored: not an image")
+    keypoints = tmp_path / "kps.json"
+    entries = {
+        "a": {"kps": small_kps.tolist(), "box": (ASTRONAUT_BOX / 2).tolist()},
+        "b.png": {"kps": (small_kps + [-30, 20]).tolist()},
+        "corrupt": {"kps": small_kps.tolist()},
+    }
+    keypoints.write_text(json.dumps(entries))
+    out = tmp_path / "out"
+
+    assert main(["--input", str(images), "--out", str(out), "--keypoints", str(keypoints)]) == 0
+
+    assert (out / "list.txt").read_text().split() == ["a", "b"]
+    for name in ("a", "b"):
+        assert cv2.imread(str(out / f"{name}.jpg")).shape == (224, 224, 3)
+        assert load_array(out / f"{name}.npy", (3, 112, 112)).dtype == np.float32
+    # The shifted copy gives the same ArcFace input (same face, keypoints shifted with it).
+    np.testing.assert_allclose(load_array(out / "a.npy"), load_array(out / "b.npy"), atol=0.02)
+    report = json.loads((out / "preprocess_report.json").read_text())
+    assert [item["name"] for item in report["processed"]] == ["a", "b"]
+    assert [item["box_estimated"] for item in report["processed"]] == [False, True]
+    reasons = {item["image"].rsplit("/", 1)[-1]: item["reason"] for item in report["failed"]}
+    assert set(reasons) == {"corrupt.jpg", "nokps.png"}
+    assert "not a readable image" in reasons["corrupt.jpg"]
+    assert "no keypoints" in reasons["nokps.png"]
+    assert not (out / "nokps.jpg").exists() and not (out / "corrupt.npy").exists()
+
+
+def test_cli_list_file_and_nonzero_exit_when_nothing_succeeds(tmp_path):
+    (tmp_path / "corrupt.jpg").write_bytes(b"\xff\xd8 broken")
+    listing = tmp_path / "images.txt"
+    listing.write_text("corrupt.jpg\nmissing.png\n")
+    keypoints = tmp_path / "kps.txt"
+    numbers = " ".join(f"{v:g}" for v in ASTRONAUT_KPS.ravel())
+    keypoints.write_text(f"corrupt {numbers}\nmissing {numbers}\n")
+    out = tmp_path / "out"
+
+    assert main(["--input", str(listing), "--out", str(out), "--keypoints", str(keypoints)]) == 1
+
+    report = json.loads((out / "preprocess_report.json").read_text())
+    assert report["processed"] == [] and len(report["failed"]) == 2
+    assert "image file not found" in report["failed"][1]["reason"]
+    assert (out / "list.txt").read_text() == ""
+
+
+def test_cli_duplicate_names_and_empty_input(tmp_path):
+    image = np.random.default_rng(3).integers(0, 256, size=(64, 64, 3), dtype=np.uint8)
+    for folder in ("one", "two"):
+        (tmp_path / folder).mkdir()
+        cv2.imwrite(str(tmp_path / folder / "face.png"), image)
+    listing = tmp_path / "images.txt"
+    listing.write_text("one/face.png\ntwo/face.png\n")
+    keypoints = tmp_path / "kps.json"
+    keypoints.write_text(json.dumps({"face": {"kps": (ARCFACE_TEMPLATE / 2).tolist()}}))
+
+    assert main(["--input", str(listing), "--out", str(tmp_path / "out"), "--keypoints", str(keypoints)]) == 0
+    report = json.loads((tmp_path / "out" / "preprocess_report.json").read_text())
+    assert [item["name"] for item in report["processed"]] == ["face"]
+    assert "'face' already used by" in report["failed"][0]["reason"]
+
+    (tmp_path / "empty").mkdir()
+    assert (
+        main(
+            ["--input", str(tmp_path / "empty"), "--out", str(tmp_path / "o"), "--keypoints", str(keypoints)]
+        )
+        == 2
+    )
