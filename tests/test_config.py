@@ -47,3 +47,13 @@ def test_values_are_type_checked():
         load_config(None, ["net.dims=[300, x, 10]"])
     assert load_config(None, ["train.grad_clip=null"]).train.grad_clip is None
     assert load_config(None, ["train.grad_clip=1"]).train.grad_clip == 1.0
+
+
+def test_every_shipped_config_loads():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    files = sorted(root.rglob("*.yml"))
+    assert len(files) >= 10
+    for path in files:
+        load_config(path)
