@@ -13,7 +13,8 @@ on-disk layout so the real loaders read it (SPEC §8):
   <out>/image_paths/<NAME>.npy      identity list (MICA: actor -> ([images], npz))
   <out>/expression_paths/<NAME>.npy expression list (actor -> [[image, params], ...])
   <out>/test/<name>.jpg + .npy, list.txt                  held-out test images for test.py
-  <out>/test_gt/<name>.ply, <name>_expression.ply, <name>_occlusion.npy, <name>_lmk7.npy
+  <out>/test_gt/<name>.ply, <name>_occlusion.npy, <name>_params.npz    expressive ground truth
+  <out>/test_gt/neutral/<name>.ply, <name>_lmk7.npy       neutral identity ground truth
 
 NAME is SYNTH (training actors) and SYNTHVAL (held-out validation actors). Ground truth
 for the test images: the neutral identity mesh and the expressive mesh in mm, the 7 NoW
@@ -230,11 +231,12 @@ def _write_test_set(out: Path, maker: SampleMaker, s: SyntheticSettings, rng: np
         write_image(out / "test" / f"{name}.jpg", sample["crop"])
         save_npy(out / "test" / f"{name}.npy", sample["arcface"])
         neutral = maker.renderer.vertices(shape, np.zeros(50, np.float32), np.zeros(3, np.float32))
-        write_ply(out / "test_gt" / f"{name}.ply", neutral * 1000.0, faces)
-        write_ply(out / "test_gt" / f"{name}_expression.ply", sample["vertices"] * 1000.0, faces)
-        save_npy(out / "test_gt" / f"{name}_occlusion.npy", sample["occluded"])
-        save_npy(out / "test_gt" / f"{name}_lmk7.npy", maker.renderer.landmarks68(neutral)[NOW_LANDMARKS] * 1000.0)
-        save_npz(out / "test_gt" / f"{name}_params.npz", shape=shape, exp=exp, jaw=jaw)
+        gt = out / "test_gt"
+        write_ply(gt / f"{name}.ply", sample["vertices"] * 1000.0, faces)
+        save_npy(gt / f"{name}_occlusion.npy", sample["occluded"])
+        save_npz(gt / f"{name}_params.npz", shape=shape, exp=exp, jaw=jaw)
+        write_ply(gt / "neutral" / f"{name}.ply", neutral * 1000.0, faces)
+        save_npy(gt / "neutral" / f"{name}_lmk7.npy", maker.renderer.landmarks68(neutral)[NOW_LANDMARKS] * 1000.0)
         names.append(name)
     (out / "test" / "list.txt").write_text("\n".join(names) + "\n")
 
