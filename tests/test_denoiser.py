@@ -1,0 +1,182 @@
+"""Tests of the 1-D U-Net denoiser: original state-dict layout, attention semantics,
+batch-size independence and gradient flow to every attention projection."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from ofer.diffusion import Denoiser, NoiseSchedule, diffusion_loss
+from ofer.diffusion.denoiser import (
+    Attention,
+    SinusoidalPosEmb,
+    is_projection_key,
+    original_state_dict_keys,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+LAYOUT_FILE = REPO_ROOT.parent / "shared" / "ofer_state_dict_layout.txt"
+
+# name: (constructor kwargs, tensors and parameters of the original layout)
+CONFIGS = {
+    "idgen": ({"flame_dim": 300, "context_dim": 512, "dims": [300, 50, 10]}, 174, 6_246_954),
+    "expgen": ({"flame_dim": 53, "context_dim": 1024, "dims": [53, 25, 10]}, 174, 1_815_673),
+}
+# Attention blocks: downs (2), mid, ups (2), final -> channel sizes per config.
+ATTENTION_DIMS = {"idgen": [300, 50, 10, 50, 300, 300], "expgen": [53, 25, 10, 25, 53, 53]}
+
+
+def build(name: str, seed: int = 0) -> Denoiser:
+    torch.manual_seed(seed)
+    return Denoiser(**CONFIGS[name][0])
+
+
+def small_denoiser(seed: int = 0) -> Denoiser:
+    torch.manual_seed(seed)
+    return Denoiser(flame_dim=12, context_dim=8, dims=[12, 6, 3])
+
+
+def read_layout(name: str) -> list[tuple[str, tuple[int, ...]]]:
+    """(key, shape) entries of one `## name: …` section of the layout file."""
+    entries, inside = [], False
+    for line in LAYOUT_FILE.read_text().splitlines():
+        if line.startswith("##"):
+            inside = line[2:].split()[0].rstrip(":") == name
+        elif inside and line.strip():
+            key, shape = line.split(" ", 1)
+            entries.append((key, tuple(int(v) for v in re.findall(r"\d+", shape))))
+    return entries
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_original_parameter_counts(name: str) -> None:
+    _, n_tensors, n_params = CONFIGS[name]
+    model = build(name)
+    state = model.state_dict()
+    original = original_state_dict_keys(model)
+    assert len(original) == n_tensors
+    assert sum(state[key].numel() for key in original) == n_params
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_projection_keys_are_the_only_extra_keys(name: str) -> None:
+    state = build(name).state_dict()
+    projections = [key for key in state if is_projection_key(key)]
+    assert len(projections) == 16 * len(ATTENTION_DIMS[name])
+    assert len(state) == CONFIGS[name][1] + len(projections)
+    dims = sorted(state[key].shape[1] for key in projections[::16])
+    assert dims == sorted(ATTENTION_DIMS[name])
+    assert all(state[key].shape[0] == 384 and state[key].shape[2] == 1 for key in projections)
+    assert "downs.0.2.fn.fn.to_qkv.3.weight" in state
+
+
+def test_is_projection_key() -> None:
+    assert is_projection_key("downs.0.2.fn.fn.to_qkv.15.weight")
+    assert is_projection_key("net.mid_attn.fn.fn.to_qkv.0.weight")
+    assert not is_projection_key("downs.0.2.fn.fn.to_out.weight")
+    assert not is_projection_key("downs.0.2.fn.fn.qkv.weight")  # the original's stray key
+    assert not is_projection_key("downs.0.2.fn.fn.to_qkv.3.bias")
+
+
+@pytest.mark.skipif(
+    not LAYOUT_FILE.exists(), reason=f"layout file not found at {LAYOUT_FILE} (shared/ absent)"
+)
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_state_dict_matches_original_layout_file(name: str) -> None:
+    model = build(name)
+    state = model.state_dict()
+    ours = [(key, tuple(state[key].shape)) for key in original_state_dict_keys(model)]
+    assert ours == read_layout(name)  # same keys, shapes and order
+
+
+def reference_attention(attn: Attention, x: torch.Tensor) -> torch.Tensor:
+    """SPEC §4 attention written with one projection at a time, as in the original."""
+    q, k, v = [], [], []
+    for proj in attn.to_qkv:
+        qi, ki, vi = proj(x).chunk(3, dim=1)  # 3 × (B, 128, 1)
+        q.append(qi.reshape(x.shape[0], 4, 32, 1))
+        k.append(ki.reshape(x.shape[0], 4, 32, 1))
+        v.append(vi.reshape(x.shape[0], 4, 32, 1))
+    q, k, v = (torch.cat(z, dim=3) for z in (q, k, v))  # (B, heads, 32, tokens)
+    sim = torch.einsum("bhdi,bhdj->bhij", q * 32**-0.5, k)
+    out = torch.einsum("bhij,bhdj->bhid", sim.softmax(dim=-1), v)  # (B, heads, tokens, 32)
+    out = out.permute(0, 1, 3, 2).reshape(x.shape[0], 128, -1)  # (B, heads·32, tokens)
+    return attn.to_out_linear(attn.to_out(out))
+
+
+def test_stacked_projections_match_per_projection_loop() -> None:
+    torch.manual_seed(1)
+    attn = Attention(dim=7, numqkv=16)
+    x = torch.randn(5, 7, 1)
+    expected = reference_attention(attn, x)
+    assert expected.shape == (5, 7, 1)
+    torch.testing.assert_close(attn(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_batch_of_one_matches_batch_of_five() -> None:
+    model = build("expgen").eval()
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(5, 53, generator=gen)
+    t = torch.randint(0, 1000, (5,), generator=gen)
+    context = torch.randn(5, 1024, generator=gen)
+    with torch.no_grad():
+        batched = model(x, t, context)
+        single = torch.cat(
+            [model(x[i : i + 1], t[i : i + 1], context[i : i + 1]) for i in range(5)]
+        )
+    assert batched.shape == (5, 53)
+    torch.testing.assert_close(single, batched, rtol=1e-4, atol=1e-5)
+
+
+def test_output_depends_on_time_and_context() -> None:
+    model = small_denoiser().eval()
+    x = torch.randn(3, 12)
+    t = torch.tensor([5, 5, 5])
+    context = torch.randn(3, 8)
+    with torch.no_grad():
+        base = model(x, t, context)
+        assert not torch.allclose(base, model(x, t + 100, context))
+        assert not torch.allclose(base, model(x, t, context + 1.0))
+
+
+def test_loss_gradients_reach_every_parameter_and_projection() -> None:
+    model = small_denoiser()
+    schedule = NoiseSchedule()
+    context = torch.randn(4, 8)
+    loss = diffusion_loss(
+        lambda x_t, t: model(x_t, t, context),
+        schedule,
+        torch.randn(4, 12),
+        generator=torch.Generator().manual_seed(0),
+    )
+    loss.backward()
+    names = [name for name, _ in model.named_parameters()]
+    assert sum(is_projection_key(name) for name in names) == 16 * 6
+    for name, param in model.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
+def test_sinusoidal_embedding_values() -> None:
+    emb = SinusoidalPosEmb(512)(torch.tensor([0, 1, 7]))
+    assert emb.shape == (3, 512)
+    torch.testing.assert_close(emb[0], torch.cat([torch.zeros(256), torch.ones(256)]))
+    # frequency k = 255 is 1/10000; k = 0 is 1
+    assert emb[2, 0].item() == pytest.approx(math.sin(7.0), abs=1e-6)
+    assert emb[2, 255].item() == pytest.approx(math.sin(7e-4), rel=1e-4)
+    assert emb[2, 256 + 255].item() == pytest.approx(math.cos(7e-4), abs=1e-6)
+
+
+def test_rejects_bad_shapes() -> None:
+    model = small_denoiser()
+    with pytest.raises(ValueError, match="x must be"):
+        model(torch.randn(2, 11), torch.zeros(2, dtype=torch.long), torch.randn(2, 8))
+    with pytest.raises(ValueError, match="context must be"):
+        model(torch.randn(2, 12), torch.zeros(2, dtype=torch.long), torch.randn(2, 9))
+    with pytest.raises(ValueError, match="t must be"):
+        model(torch.randn(2, 12), torch.zeros(3, dtype=torch.long), torch.randn(2, 8))
+    with pytest.raises(ValueError, match="dims"):
+        Denoiser(flame_dim=12, context_dim=8, dims=[10, 5])
