@@ -6,7 +6,8 @@ background, cropped exactly as real photos are (`ofer.preprocess.prepare_face` f
 projected 5 keypoints and a landmark box), optionally occluded, and written in the real
 on-disk layout so the real loaders read it (SPEC §8):
 
-  <out>/flame/                      generic_model.pkl, landmark_embedding.npy, frontindices.npy
+  <out>/flame/                      generic_model.pkl, landmark_embedding.npy, frontindices.npy,
+                                    mean_shape.ply (the model's mean face in mm, a baseline)
   <out>/<NAME>/arcface_input/<actor>/<img>.jpg + .npy     224 crop + ArcFace input
   <out>/<NAME>/FLAME_parameters/<actor>/identity.npz      MICA layout: betas (400), pose (15)
   <out>/<NAME>/FLAME_parameters/<actor>/<img>.npz         TEMPEH layout: shape, exp, pose, trans
@@ -181,6 +182,9 @@ def generate(out: Path, settings: SyntheticSettings) -> Path:
     paths = write_synthetic_flame(out / "flame", seed=settings.seed)
     flame = FLAME(str(paths.model), n_shape=N_SHAPE, n_exp=50, landmark_embedding_path=str(paths.landmarks))
     maker = SampleMaker(flame, settings)
+    zeros = np.zeros(N_SHAPE, np.float32)
+    write_ply(out / "flame" / "mean_shape.ply", maker.renderer.vertices(zeros, zeros[:50], zeros[:3]) * 1000.0,
+              maker.renderer.faces)
     rng = np.random.default_rng(settings.seed)
     _write_actors(out, "SYNTH", settings.actors, maker, settings, rng)
     _write_actors(out, "SYNTHVAL", settings.val_actors, maker, settings, rng)
