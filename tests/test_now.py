@@ -1,0 +1,253 @@
+"""NoW evaluation: exact point-to-triangle distances, alignment, cropping, pooling, file layouts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import trimesh
+from scipy.spatial.transform import Rotation
+
+from ofer.eval.geometry import MeshSurface, Similarity, point_triangle_distance, similarity_procrustes
+from ofer.eval.now import (
+    crop_scan,
+    main,
+    pooled_statistics,
+    read_landmarks,
+    read_picked_points,
+    resolve_item,
+    scan_to_mesh_distances,
+)
+from ofer.io import InputError, write_ply
+
+# NoW landmark order: right eye outer/inner, left eye inner/outer, nose bottom, mouth corners
+# (FLAME frame: x to the subject's left, y up, z out of the face).
+LANDMARK_DIRECTIONS = np.array([
+    [-0.45, 0.3, 1.0], [-0.15, 0.3, 1.0], [0.15, 0.3, 1.0], [0.45, 0.3, 1.0],
+    [0.0, -0.1, 1.0], [-0.25, -0.4, 1.0], [0.25, -0.4, 1.0],
+])
+
+
+def bumpy_head() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A smooth, asymmetric head-sized closed mesh (mm) and 7 landmark vertex indices."""
+    sphere = trimesh.creation.icosphere(subdivisions=3, radius=1.0)  # 642 vertices, 1280 faces
+    unit = np.asarray(sphere.vertices)
+    radial = 1.0 + 0.1 * np.sin(3 * unit[:, 0] + 1) * np.cos(2 * unit[:, 1]) + 0.05 * unit[:, 2] ** 2
+    vertices = unit * radial[:, None] * np.array([70.0, 90.0, 80.0])
+    directions = LANDMARK_DIRECTIONS / np.linalg.norm(LANDMARK_DIRECTIONS, axis=1, keepdims=True)
+    landmark_idx = np.argmax(directions @ unit.T, axis=1)  # (7,) vertex nearest each direction
+    return vertices, np.asarray(sphere.faces), landmark_idx
+
+
+TRUE = Similarity(1.3, Rotation.from_rotvec([0.3, -0.5, 0.2]).as_matrix(), np.array([10.0, -20.0, 5.0]))
+
+
+def make_scan(transform: Similarity) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Scan = the head moved by `transform`, subdivided so its vertices also lie inside faces."""
+    vertices, faces, landmark_idx = bumpy_head()
+    scan_v, scan_f = trimesh.remesh.subdivide(transform.apply(vertices), faces)
+    return scan_v, scan_f, transform.apply(vertices[landmark_idx])
+
+
+# ----------------------------------------------------------------- point-to-triangle distance
+
+TRIANGLE = np.array([[0.0, 0.0, 0.0], [4.0, 0.0, 0.0], [0.0, 4.0, 0.0]])
+
+
+@pytest.mark.parametrize(
+    "point, expected",
+    [
+        ((1.0, 1.0, 3.0), 3.0),  # above the interior: the height
+        ((1.0, 1.0, -2.0), 2.0),  # below the interior
+        ((2.0, -3.0, 4.0), 5.0),  # edge region of AB: to (2, 0, 0)
+        ((3.0, 3.0, 1.0), np.sqrt(3.0)),  # edge region of BC: to (2, 2, 0)
+        ((-3.0, -4.0, 0.0), 5.0),  # vertex region of A
+        ((7.0, -4.0, 12.0), 13.0),  # vertex region of B: (3, -4, 12)
+        ((-1.0, 9.0, 0.0), np.sqrt(26.0)),  # vertex region of C: (-1, 5, 0)
+    ],
+)
+def test_point_triangle_distance_hand_cases(point, expected):
+    assert point_triangle_distance(np.array([point]), TRIANGLE)[0] == pytest.approx(expected, abs=1e-12)
+
+
+def test_point_triangle_distance_batched_and_degenerate():
+    points = np.array([[1.0, 1.0, 3.0], [5.0, 1.0, 0.0]])
+    triangles = np.stack([TRIANGLE, np.array([[0.0, 0, 0], [2, 0, 0], [4, 0, 0]])])  # 2nd is a segment
+    np.testing.assert_allclose(point_triangle_distance(points, triangles), [3.0, np.sqrt(2.0)], atol=1e-12)
+
+
+def test_trimesh_closest_points_match_exact_distance():
+    rng = np.random.default_rng(0)
+    vertices, faces, _ = bumpy_head()
+    points = rng.normal(size=(200, 3)) * 90.0
+    exact = np.min([point_triangle_distance(points, tri) for tri in vertices[faces]], axis=0)  # (200,)
+    closest, distance, triangle = MeshSurface(vertices, faces).closest(points)
+    np.testing.assert_allclose(distance, exact, atol=1e-9)
+    # the returned point lies on the returned triangle and realises the distance
+    np.testing.assert_allclose(point_triangle_distance(closest, vertices[faces[triangle]]), 0.0, atol=1e-9)
+    np.testing.assert_allclose(np.linalg.norm(closest - points, axis=1), distance, atol=1e-9)
+
+
+# ---------------------------------------------------------------------- Procrustes and crop
+
+
+def test_similarity_procrustes_recovers_transform_and_reflection_rule():
+    rng = np.random.default_rng(1)
+    source = rng.normal(size=(7, 3)) * 30
+    fit = similarity_procrustes(source, TRUE.apply(source))
+    assert fit.scale == pytest.approx(1.3)
+    np.testing.assert_allclose(fit.rotation, TRUE.rotation, atol=1e-10)
+    np.testing.assert_allclose(fit.translation, TRUE.translation, atol=1e-9)
+    mirrored = source * np.array([-1.0, 1.0, 1.0])
+    assert np.linalg.det(similarity_procrustes(source, mirrored, allow_reflection=True).rotation) == pytest.approx(-1)
+    np.testing.assert_allclose(similarity_procrustes(source, mirrored, allow_reflection=True).apply(source), mirrored,
+                               atol=1e-9)
+    assert np.linalg.det(similarity_procrustes(source, mirrored).rotation) == pytest.approx(1)
+    assert similarity_procrustes(source, TRUE.apply(source), with_scale=False).scale == 1.0
+
+
+def test_crop_scan_uses_the_now_sphere():
+    # bridge = (0, 0, 0), centre = L4 + 0.3 (bridge - L4) = (0, -21, 0), r = 1.4 (80 + 30) / 2 = 77
+    landmarks = np.array([[-40.0, 0, 0], [-10, 0, 0], [10, 0, 0], [40, 0, 0], [0, -30, 0], [-20, -50, 5], [20, -50, 5]])
+    points = np.array([[0, -21 + 76.9, 0], [0, -21 + 77.1, 0], [76.9, -21, 0], [0, -21, -77.1]])
+    np.testing.assert_array_equal(crop_scan(points, landmarks), [True, False, True, False])
+
+
+# ---------------------------------------------------------------------- the protocol
+
+
+def test_exact_similarity_copy_scores_zero_and_metrical_sees_the_scale():
+    rng = np.random.default_rng(2)
+    vertices, faces, landmark_idx = bumpy_head()
+    scan_v, _, scan_lmk = make_scan(TRUE)
+    cropped = scan_v[crop_scan(scan_v, scan_lmk)]
+    assert 200 < len(cropped) < len(scan_v) // 2  # a face-sized cap, not the whole head
+    noisy_lmk = vertices[landmark_idx] + rng.normal(scale=2.0, size=(7, 3))  # imperfect initialisation
+    result = scan_to_mesh_distances(vertices, faces, noisy_lmk, cropped, scan_lmk)
+    assert np.median(result.distances) < 1e-4 and result.distances.max() < 1e-3
+    assert result.transform.scale == pytest.approx(1.3, rel=1e-6)
+    np.testing.assert_allclose(result.transform.rotation, TRUE.rotation, atol=1e-6)
+    metrical = scan_to_mesh_distances(vertices, faces, noisy_lmk, cropped, scan_lmk, metrical=True)
+    assert metrical.transform.scale == 1.0 and np.median(metrical.distances) > 1.0
+
+
+def test_rigid_copy_scores_zero_on_the_metrical_track():
+    vertices, faces, landmark_idx = bumpy_head()
+    rigid = Similarity(1.0, TRUE.rotation, TRUE.translation)
+    scan_v, _, scan_lmk = make_scan(rigid)
+    cropped = scan_v[crop_scan(scan_v, scan_lmk)]
+    result = scan_to_mesh_distances(vertices, faces, vertices[landmark_idx] + 1.0, cropped, scan_lmk, metrical=True)
+    assert np.median(result.distances) < 1e-4
+
+
+def test_offset_surface_metrical_reports_offset_non_metrical_absorbs_it():
+    sphere = trimesh.creation.icosphere(subdivisions=3, radius=50.0)
+    vertices, faces = np.asarray(sphere.vertices), np.asarray(sphere.faces)
+    # every vertex moved 0.5 mm along its (radial) normal; its closest mesh point is the vertex itself
+    scan = vertices * (50.5 / 50.0)
+    landmarks = np.array([[-60.0, 0, 0], [-10, 0, 0], [10, 0, 0], [60, 0, 0], [0, -30, 0],
+                          [-20, -40, 30], [20, -40, 30]])
+    cropped = scan[crop_scan(scan, landmarks)]
+    assert len(cropped) == len(scan)
+    metrical = scan_to_mesh_distances(vertices, faces, landmarks, cropped, landmarks, metrical=True)
+    np.testing.assert_allclose(metrical.distances, 0.5, atol=1e-6)
+    # documented limit of the non-metrical track: a uniform offset of a sphere is a scale change
+    free = scan_to_mesh_distances(vertices, faces, landmarks, cropped, landmarks)
+    assert free.transform.scale == pytest.approx(1.01, rel=1e-6) and free.distances.max() < 1e-6
+
+
+def test_statistics_are_pooled_over_all_vertices():
+    small, large = np.zeros(3), np.full(7, 4.0)  # per-image medians 0 and 4 -> their mean would be 2
+    stats = pooled_statistics([small, large])
+    assert stats["median"] == 4.0 and stats["n_points"] == 10
+    assert stats["mean"] == pytest.approx(2.8)  # 28 / 10, not (0 + 4) / 2
+    assert stats["std"] == pytest.approx(np.sqrt(11.2 - 2.8**2))  # population std: E[x²] − E[x]²
+    assert np.isnan(pooled_statistics([])["median"])
+
+
+# ---------------------------------------------------------------------- files and layouts
+
+PP_TEMPLATE = """<!DOCTYPE PickedPoints>
+<PickedPoints>
+ <DocumentData>
+  <DataFileName name="natural_head_rotation.000001.obj"/>
+  <templateName name=""/>
+ </DocumentData>
+{points}
+</PickedPoints>
+"""
+
+
+def write_pp(path: Path, points: np.ndarray) -> None:
+    rows = "\n".join(f' <point x="{float(x)!r}" y="{float(y)!r}" z="{float(z)!r}" active="1" name="{i}"/>'
+                     for i, (x, y, z) in enumerate(points))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(PP_TEMPLATE.format(points=rows))
+
+
+def test_picked_points_and_landmark_files(tmp_path):
+    points = np.arange(21, dtype=np.float64).reshape(7, 3) / 3.0
+    write_pp(tmp_path / "a.pp", points)
+    np.testing.assert_array_equal(read_picked_points(tmp_path / "a.pp"), points)
+    np.testing.assert_array_equal(read_landmarks(tmp_path / "a.pp"), points)
+    np.savetxt(tmp_path / "b.txt", points)
+    np.testing.assert_allclose(read_landmarks(tmp_path / "b.txt"), points)
+    write_pp(tmp_path / "six.pp", points[:6])
+    with pytest.raises(InputError, match="six.pp"):
+        read_landmarks(tmp_path / "six.pp")
+    (tmp_path / "bad.pp").write_text("<PickedPoints><point x='1' y='2'/></PickedPoints>")
+    with pytest.raises(InputError, match="bad.pp"):
+        read_picked_points(tmp_path / "bad.pp")
+
+
+def test_flat_layout_resolution(tmp_path):
+    pred, gt = tmp_path / "pred", tmp_path / "gt"
+    for path in [pred / "a.ply", pred / "a_kpt7.npy", pred / "b.obj", pred / "b" / "kpt7.npy",
+                 gt / "a.obj", gt / "a.pp", gt / "b.ply", gt / "b_lmk7.npy", gt / "c.obj", gt / "c.pp"]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+    a, b, c = (resolve_item(n, pred, gt) for n in "abc")
+    assert (a.pred_mesh, a.pred_landmarks, a.scan_landmarks) == (pred / "a.ply", pred / "a_kpt7.npy", gt / "a.pp")
+    assert (b.pred_mesh, b.pred_landmarks, b.scan_mesh) == (pred / "b.obj", pred / "b" / "kpt7.npy", gt / "b.ply")
+    assert c.pred_mesh is None and c.pred_landmarks is None
+    with pytest.raises(InputError, match="'d'"):
+        resolve_item("d", pred, gt)
+
+
+def test_now_layout_end_to_end(tmp_path):
+    """Two predictions of one subject in two challenges, one missing; JSON report and table."""
+    vertices, faces, landmark_idx = bumpy_head()
+    scan_v, scan_f, scan_lmk = make_scan(TRUE)
+    subject = "FaMoS_180424_03335_TA"
+    gt, pred = tmp_path / "gt", tmp_path / "pred"
+    (gt / "scans" / subject).mkdir(parents=True)
+    trimesh.Trimesh(scan_v, scan_f, process=False).export(gt / "scans" / subject / "natural_head_rotation.000001.obj")
+    write_pp(gt / "scans_lmks_onlypp" / subject / "natural_head_rotation.000001_picked_points.pp", scan_lmk)
+    own_frame = Similarity(0.001, Rotation.from_rotvec([0.0, 0.4, 0.0]).as_matrix(), np.array([0.0, 0.0, 0.02]))
+    for challenge, image, save in [("multiview_neutral", "IMG_0101", np.save), ("selfie", "IMG_0200", np.savetxt)]:
+        folder = pred / subject / challenge
+        write_ply(folder / f"{image}.ply", own_frame.apply(vertices), faces)  # metres, rotated: any frame works
+        save(folder / f"{image}.{'npy' if save is np.save else 'txt'}", own_frame.apply(vertices[landmark_idx]))
+    lines = [f"{subject}/multiview_neutral/IMG_0101.jpg", f"{subject}/selfie/IMG_0200.jpg",
+             f"{subject}/multiview_occlusions/IMG_0300.jpg"]
+    (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "report.json"
+    report = main(["--pred", str(pred), "--gt", str(gt), "--list", str(tmp_path / "list.txt"), "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    assert (report["n_images"], report["n_evaluated"], report["n_missing"]) == (3, 2, 1)
+    assert report["missing"] == [f"{subject}/multiview_occlusions/IMG_0300"]
+    assert set(report["by_group"]) == {"multiview_neutral", "selfie"}
+    assert report["median"] < 1e-4
+    assert report["per_image"][0]["scale"] == pytest.approx(1300.0, rel=1e-6)
+    assert report["n_points"] == 2 * report["per_image"][0]["n_points"]
+
+
+def test_now_layout_needs_exactly_one_scan(tmp_path):
+    folder = tmp_path / "gt" / "scans" / "S1"
+    folder.mkdir(parents=True)
+    for name in ("natural_head_rotation.000001.obj", "natural_head_rotation.000002.obj"):
+        (folder / name).touch()
+    with pytest.raises(InputError, match="exactly one scan"):
+        resolve_item("S1/selfie/IMG_1.jpg", tmp_path / "pred", tmp_path / "gt")
