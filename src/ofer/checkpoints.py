@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ofer.diffusion import is_projection_key
 from ofer.config import Config, config_from_dict, load_config
 from ofer.io import InputError, atomic_write
 
@@ -30,7 +31,6 @@ log = logging.getLogger(__name__)
 
 FORMAT = "ofer-reimpl-1"
 PROJECTION_SEED = 0  # seed for the projections absent from original checkpoints
-_PROJECTION_KEY = re.compile(r"\.to_qkv\.\d+\.weight$")
 _STRAY_ORIGINAL_KEY = re.compile(r"(^|\.)fn\.fn\.qkv\.weight$")
 MODULE_KEYS = ("net", "var_sched", "arcface", "farl")
 
@@ -78,8 +78,8 @@ def load_module_state(module: nn.Module, state: dict[str, torch.Tensor], what: s
     own = module.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    missing_projections = [k for k in missing if _PROJECTION_KEY.search(k)]
-    missing_other = [k for k in missing if not _PROJECTION_KEY.search(k)]
+    missing_projections = [k for k in missing if is_projection_key(k)]
+    missing_other = [k for k in missing if not is_projection_key(k)]
     if missing_other or unexpected:
         raise CheckpointError(
             f"{path}: '{what}' does not match the model: missing keys {missing_other[:10]}"

@@ -103,7 +103,8 @@ class OferPipeline:
         b = image.shape[0]
 
         # IdGen: N shape samples per image, as neutral FLAME meshes in mm.
-        shapes = self.idgen.sample(self.idgen.encode(image, arcface), t.numsamples, t.sampling, t.steps, t.eta, generator)
+        shapes = self.idgen.sample(self.idgen.encode(image, arcface), t.numsamples, t.sampling, t.steps,
+                                   t.eta if t.sampling == "ddim" else 0.0, generator)
         n = shapes.shape[1]
         meshes = self.flame(shapes.flatten(0, 1)).view(b, n, -1, 3) * 1000.0  # (B, N, V, 3)
 
@@ -114,7 +115,8 @@ class OferPipeline:
 
         # ExpGen: M expression + jaw samples per image, applied to the chosen identity.
         m = t.num_expressions
-        exp = self.expgen.sample(self.expgen.encode(image, arcface), m, t.exp_sampling, t.exp_steps, t.eta, generator)
+        exp = self.expgen.sample(self.expgen.encode(image, arcface), m, t.exp_sampling, t.exp_steps,
+                                 t.eta if t.exp_sampling == "ddim" else 0.0, generator)
         expressions, jaws = exp[..., : self.n_exp], exp[..., self.n_exp :]  # (B, M, 50), (B, M, 3)
         expression_mm = self.flame(
             best_shape.repeat_interleave(m, dim=0),
