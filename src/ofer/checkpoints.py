@@ -23,8 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ofer.diffusion import is_projection_key
 from ofer.config import Config, config_from_dict, load_config
+from ofer.diffusion import is_projection_key
+from ofer.encoders.farl import FarlEncoder, load_farl_state_dict
 from ofer.io import InputError, atomic_write
 
 log = logging.getLogger(__name__)
@@ -130,8 +131,11 @@ def load_state(ckpt: dict[str, Any], model: nn.Module, path: str | Path) -> None
             raise CheckpointError(f"{path}: the model has '{key}' but the checkpoint has no '{key}' entry")
         if key == "var_sched":
             _check_schedule(part, ckpt[key], path)
-            continue
-        load_module_state(part, ckpt[key], key, path)
+        elif isinstance(part, FarlEncoder):
+            # An original `farl` entry may hold the whole CLIP model; only the image tower is used.
+            load_farl_state_dict(part, ckpt[key], f"{path} ['farl']")
+        else:
+            load_module_state(part, ckpt[key], key, path)
     log.info("loaded %s (%s)", path, ckpt.get("format", "original OFER format"))
 
 

@@ -27,11 +27,10 @@ class ImageContext(nn.Module):
         m = cfg.model
         self.uses_farl = m.expencoder in ("farl", "arcfarl")
         self.uses_arcface = m.expencoder in ("arcface", "arcfarl")
-        self.farl = (
-            build_farl(m.tiny_encoders, m.farl_weights if load_weights else None) if self.uses_farl else None
-        )
+        load = load_weights and not m.tiny_encoders  # tiny encoders have no pretrained weights
+        self.farl = build_farl(m.tiny_encoders, m.farl_weights if load else None) if self.uses_farl else None
         self.arcface = (
-            build_arcface(m.tiny_encoders, m.arcface_weights if load_weights else None, m.with_freeze)
+            build_arcface(m.tiny_encoders, m.arcface_weights if load else None, m.with_freeze)
             if self.uses_arcface
             else None
         )

@@ -1,0 +1,108 @@
+"""Checkpoint loading: original-format files (no projections, stray keys), ours, and errors."""
+
+import logging
+
+import pytest
+import torch
+
+from ofer.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
+from ofer.config import load_config
+from ofer.diffusion import is_projection_key
+from ofer.models.stages import DiffusionStage, IdRank
+
+
+def expgen_config():
+    return load_config(None, [
+        "stage=expgen", "net.flame_dim=53", "net.context_dim=1024", "net.dims=[53, 25, 10]",
+        "model.expencoder=arcfarl", "model.tiny_encoders=true", "model.with_freeze=none",
+    ])
+
+
+def original_checkpoint(model: DiffusionStage, path):
+    """Write `model` as the original code did: no projections, one stray qkv key, `diffusion` copy."""
+    torch.manual_seed(123)
+    net = {k: torch.randn_like(v) for k, v in model.net.state_dict().items() if not is_projection_key(k)}
+    net["mid_attn.fn.fn.qkv.weight"] = torch.randn(384, 10, 1)  # the stray key of original files
+    ckpt = {
+        "net": net,
+        "diffusion": {**{f"net.{k}": v for k, v in net.items()},
+                      **{f"var_sched.{k}": v for k, v in model.var_sched.state_dict().items()}},
+        "var_sched": model.var_sched.state_dict(),
+        "arcface": model.arcface.state_dict(),
+        "farl": model.farl.state_dict(),
+    }
+    torch.save(ckpt, path)
+    return net
+
+
+def outputs(model: DiffusionStage) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(3, 53, generator=g), torch.randn(3, 1024, generator=g)
+    return model.net.eval()(x, torch.tensor([0, 500, 999]), ctx)
+
+
+def test_original_checkpoint_loads_deterministically(tmp_path, caplog):
+    cfg = expgen_config()
+    path = tmp_path / "model_expgen_flame20.tar"
+    net = original_checkpoint(DiffusionStage(cfg), path)
+    first, second = DiffusionStage(cfg), DiffusionStage(cfg)
+    with caplog.at_level(logging.WARNING):
+        load_checkpoint(path, first)
+    assert "fixed seed" in caplog.text
+    load_checkpoint(path, second)
+    for k, v in net.items():
+        if "fn.fn.qkv" not in k:
+            assert torch.equal(first.net.state_dict()[k], v)
+    assert torch.equal(outputs(first), outputs(second))
+
+
+def test_our_checkpoint_round_trip(tmp_path):
+    cfg = expgen_config()
+    model = DiffusionStage(cfg)
+    save_checkpoint(tmp_path / "ours.tar", model, step=7)
+    other = DiffusionStage(cfg)
+    ckpt = load_checkpoint(tmp_path / "ours.tar", other)
+    assert ckpt["step"] == 7
+    assert torch.equal(outputs(model), outputs(other))
+    assert not list(tmp_path.glob(".*"))  # the atomic write left no temporary file
+
+
+def test_mismatches_are_named(tmp_path):
+    cfg = expgen_config()
+    model = DiffusionStage(cfg)
+    state = {k: v for k, v in model.net.state_dict().items()}
+    state.pop("init_conv.bias")
+    state["extra.weight"] = torch.zeros(1)
+    torch.save({"net": state, "arcface": model.arcface.state_dict(), "farl": model.farl.state_dict()}, tmp_path / "a.tar")
+    with pytest.raises(CheckpointError, match=r"init_conv\.bias.*extra\.weight"):
+        load_checkpoint(tmp_path / "a.tar", DiffusionStage(cfg))
+    state = dict(model.net.state_dict(), **{"init_conv.bias": torch.zeros(7)})
+    torch.save({"net": state, "arcface": model.arcface.state_dict(), "farl": model.farl.state_dict()}, tmp_path / "b.tar")
+    with pytest.raises(CheckpointError, match=r"init_conv\.bias: file \(7,\)"):
+        load_checkpoint(tmp_path / "b.tar", DiffusionStage(cfg))
+
+
+def test_missing_and_unsafe_files(tmp_path):
+    model = DiffusionStage(expgen_config())
+    with pytest.raises(CheckpointError, match="not found.*checkpoint/"):
+        load_checkpoint(tmp_path / "nope.tar", model)
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("executed",))
+
+    torch.save({"net": Evil()}, tmp_path / "evil.tar")
+    with pytest.raises(CheckpointError, match="weights-only"):
+        load_checkpoint(tmp_path / "evil.tar", model)
+
+
+def test_idrank_checkpoint(tmp_path):
+    cfg = load_config(None, ["stage=idrank", "net.context_dim=1024", "model.expencoder=arcfarl",
+                             "model.tiny_encoders=true"])
+    model = IdRank(cfg, shape_dim=30)
+    torch.save({"net": model.net.state_dict(), "arcface": model.arcface.state_dict(),
+                "farl": model.farl.state_dict()}, tmp_path / "model_idrank.tar")
+    other = IdRank(cfg, shape_dim=30)
+    load_checkpoint(tmp_path / "model_idrank.tar", other)
+    feats, ctx = torch.randn(1, 5, 60), torch.randn(1, 1024)
+    assert torch.equal(model.net.eval()(feats, ctx), other.net.eval()(feats, ctx))
