@@ -45,8 +45,8 @@ from ofer.render import flame_to_camera, perspective_project, render_mesh
 
 log = logging.getLogger(__name__)
 
-IMAGE_SIZE = 256
-FOCAL = 700.0  # pixels; with DISTANCE the head spans about 60% of the image
+IMAGE_SIZE = 320  # large enough that the 1.6x FaRL box stays inside the photo
+FOCAL = 700.0  # pixels; with DISTANCE the head spans about 80% of the image height
 DISTANCE = 0.55  # metres from the camera
 N_SHAPE, N_EXP = 300, 100  # coefficients stored per fit (MICA `betas` = 300 shape + 100 expression)
 NOW_LANDMARKS = [36, 39, 42, 45, 33, 48, 54]
