@@ -176,8 +176,10 @@ class Trainer:
     def _loader(self, dataset: Any, start: int, stop: int, seed: int, rank: int) -> DataLoader:
         sampler = StepBatchSampler(len(dataset), self.cfg.dataset.batch_size, seed, start, stop, rank)
         workers = self.cfg.dataset.num_workers
+        # Its own generator: creating a loader must not draw from the global torch RNG (resuming).
         return DataLoader(StepIndexed(dataset), batch_sampler=sampler, num_workers=workers,
-                          persistent_workers=False, pin_memory=self.place.device.type == "cuda")
+                          pin_memory=self.place.device.type == "cuda",
+                          generator=torch.Generator().manual_seed(seed))
 
     def validate(self) -> dict[str, float]:
         """Average the task's validation metrics over `val_batches` fixed batches (same on every rank)."""

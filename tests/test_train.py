@@ -1,0 +1,54 @@
+"""The shared trainer: every stage trains a few steps, and a resumed run equals an uninterrupted one."""
+
+import torch
+
+from ofer.checkpoints import read_checkpoint
+from ofer.train.trainer import StepBatchSampler, Trainer
+
+from conftest import demo_config
+
+FAST = ["train.val_steps=3", "train.checkpoint_steps=3", "train.val_batches=1", "train.log_steps=1",
+        "test.steps=2", "test.exp_steps=2"]
+
+
+def params(path):
+    return read_checkpoint(path)["net"]
+
+
+def test_resume_reaches_the_same_parameters(synthetic_root, tmp_path):
+    trainer = Trainer(demo_config("idgen", synthetic_root, tmp_path / "a", "train.max_steps=6", *FAST))
+    initial = {k: v.clone() for k, v in trainer.task.model.net.state_dict().items()}
+    straight = trainer.fit()
+    Trainer(demo_config("idgen", synthetic_root, tmp_path / "b", "train.max_steps=3", *FAST)).fit()
+    resumed = Trainer(demo_config("idgen", synthetic_root, tmp_path / "b", "train.max_steps=6", *FAST), resume=True)
+    assert resumed.step == 3
+    resumed = resumed.fit()
+    a, b = params(straight), params(resumed)
+    assert read_checkpoint(resumed)["step"] == 6
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], initial[k]) for k in a)  # training did change the weights
+
+
+def test_expgen_and_idrank_train(synthetic_root, tmp_path):
+    exp = Trainer(demo_config("expgen", synthetic_root, tmp_path / "exp", "train.max_steps=3", *FAST))
+    exp_last = exp.fit()
+    assert read_checkpoint(exp_last)["step"] == 3
+    idgen_last = Trainer(demo_config("idgen", synthetic_root, tmp_path / "idgen", "train.max_steps=1", *FAST)).fit()
+    rank = Trainer(demo_config("idrank", synthetic_root, tmp_path / "rank", "train.max_steps=3",
+                               f"idrank.idgen_checkpoint={idgen_last}", "idrank.numsamples=4", "idrank.steps=2", *FAST))
+    before = {k: v.clone() for k, v in rank.task.model.net.state_dict().items()}
+    idgen_before = {k: v.clone() for k, v in rank.task.idgen.state_dict().items()}
+    metrics = rank.validate()
+    assert {"val/ranked_error_mm", "val/random_error_mm", "val/oracle_error_mm"} <= set(metrics)
+    assert metrics["val/oracle_error_mm"] <= metrics["val/ranked_error_mm"] + 1e-6
+    rank.fit()
+    after = rank.task.model.net.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # the ranker learns
+    assert all(torch.equal(idgen_before[k], v) for k, v in rank.task.idgen.state_dict().items())  # IdGen frozen
+
+
+def test_step_batches_are_reproducible():
+    a = list(StepBatchSampler(10, 4, seed=3, start_step=0, max_steps=5))
+    b = list(StepBatchSampler(10, 4, seed=3, start_step=2, max_steps=5))
+    assert a[2:] == b
+    assert [s for s, _ in a[4]] == [4] * 4
