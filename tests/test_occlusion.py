@@ -7,13 +7,12 @@ import pytest
 from ofer.data.occlusion import (
     KINDS,
     OcclusionAugment,
-    arcface_to_bgr,
     main,
     paste_occluder,
     preview,
 )
 from ofer.io import read_image, write_image
-from ofer.preprocess import arcface_input
+from ofer.preprocess import arcface_input, arcface_to_bgr
 
 # A similarity map from the 224 crop to the 112 crop (scale 0.6, 10 degrees, shifted), as
 # the ArcFace alignment of a real photo produces.

@@ -194,6 +194,12 @@ def arcface_input(crop112_bgr: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(arcface_normalise(rgb).transpose(2, 0, 1), dtype=np.float32)  # (3, 112, 112)
 
 
+def arcface_to_bgr(arcface: np.ndarray) -> np.ndarray:
+    """ArcFace input (3, H, W) float32 -> BGR uint8 (H, W, 3), for pictures (inverse of arcface_input)."""
+    rgb = np.clip(np.round(arcface.transpose(1, 2, 0) * 127.5 + 127.5), 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(rgb[..., ::-1])
+
+
 def farl_crop(image_bgr: np.ndarray, box: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Square FaRL crop around a face box, warped to 224×224.
 

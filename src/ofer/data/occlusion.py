@@ -30,7 +30,7 @@ import numpy as np
 
 from ofer.encoders.normalise import ARCFACE_SIZE, FARL_SIZE
 from ofer.io import read_image, write_image
-from ofer.preprocess import arcface_input, arcface_matrix_224_to_112, prepare_face
+from ofer.preprocess import arcface_input, arcface_matrix_224_to_112, arcface_to_bgr, prepare_face
 from ofer.render import image_grid
 
 KINDS = ("rectangle", "ellipse", "hand", "texture")
@@ -45,12 +45,6 @@ _SKIN_TONES = np.array(
 )
 # Shapes are drawn at this canvas size, then resized to the wanted area.
 _CANVAS = 512
-
-
-def arcface_to_bgr(arcface: np.ndarray) -> np.ndarray:
-    """ArcFace input (3, H, W) float32 -> BGR uint8 (H, W, 3), for pictures (inverse of arcface_input)."""
-    rgb = np.clip(np.round(arcface.transpose(1, 2, 0) * 127.5 + 127.5), 0, 255).astype(np.uint8)
-    return np.ascontiguousarray(rgb[..., ::-1])
 
 
 # ---------------------------------------------------------------------------------------

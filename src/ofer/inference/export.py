@@ -20,7 +20,7 @@ import numpy as np
 
 from ofer.inference.pipeline import Reconstruction
 from ofer.io import atomic_write, save_npy, save_npz, write_image, write_ply
-from ofer.preprocess import ARCFACE_TEMPLATE
+from ofer.preprocess import ARCFACE_TEMPLATE, arcface_to_bgr
 from ofer.render import affine_project, fit_affine_camera, image_grid, render_mesh
 
 # iBUG-68 points matching the five ArcFace template keypoints (image-left eye first).
@@ -48,7 +48,7 @@ def overlay_picture(arcface: np.ndarray, rec: Reconstruction, faces: np.ndarray,
     The ArcFace crop is aligned so its five keypoints sit on the template; fitting the mesh's
     five 3D landmarks to those positions places the mesh on the face without a pose estimate.
     """
-    crop = np.clip(arcface.transpose(1, 2, 0) * 127.5 + 127.5, 0, 255).astype(np.uint8)[..., ::-1]  # RGB->BGR
+    crop = arcface_to_bgr(arcface)
     size = crop.shape[0] * scale
     crop = np.ascontiguousarray(np.repeat(np.repeat(crop, scale, 0), scale, 1))
     camera = fit_affine_camera(five_points(rec.kpt68_mm), ARCFACE_TEMPLATE * scale)
@@ -64,7 +64,7 @@ def frontal_view(vertices_mm: np.ndarray, faces: np.ndarray, size: int = SHEET_T
     screen = np.stack([
         size / 2 + s * (vertices_mm[:, 0] - centre[0]),
         size / 2 - s * (vertices_mm[:, 1] - centre[1]),
-        vertices_mm[:, 2],
+        s * vertices_mm[:, 2],  # same scale as x and y, so the shading normals are right
     ], axis=1)
     image, _ = render_mesh(screen, faces, size, size)
     return image
