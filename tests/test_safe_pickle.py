@@ -23,10 +23,16 @@ class _RunsCommand:
 
 
 class FakeCh:
-    """Pickled under this test module's name, then renamed to chumpy.ch.Ch in the bytes."""
+    """Pickled under this test module's name, then renamed to chumpy.ch.Ch in the bytes.
+
+    Its state has the shape of a real chumpy ``Ch.__getstate__``: the array plus bookkeeping.
+    """
 
     def __init__(self, x):
         self.x = x
+        self._dirty_vars = {"x"}
+        self._itr = None
+        self._depends_on_deps = {}
 
 
 def _as_chumpy(raw: bytes) -> bytes:

@@ -104,6 +104,8 @@ def _builtin_globals() -> dict[tuple[str, str], Any]:
         table[(module, "_reconstructor")] = _reconstruct_object
     for module in ("__builtin__", "builtins"):
         table[(module, "object")] = object
+        table[(module, "set")] = set  # chumpy's state holds sets (its '_dirty_vars')
+        table[(module, "frozenset")] = frozenset
     return table
 
 

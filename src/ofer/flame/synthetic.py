@@ -283,10 +283,24 @@ def _landmark_embedding(grid: _SphereGrid, mouth_row: int) -> dict[str, object]:
 
 
 class _ChumpyArray:
-    """Written as a ``chumpy.ch.Ch`` object with state {'x': array}, like real FLAME arrays."""
+    """Written as a ``chumpy.ch.Ch`` object, like the arrays of real FLAME files.
+
+    The state mirrors what ``chumpy.Ch.__getstate__`` pickles: its ``__dict__`` without the
+    caches, i.e. the array ``x`` plus bookkeeping (including a set, pickled as a global).
+    """
 
     def __init__(self, x: np.ndarray) -> None:
         self.x = x
+
+    def __getstate__(self) -> dict[str, object]:
+        return {
+            "x": self.x,
+            "_dirty_vars": {"x"},
+            "_itr": None,
+            "_depends_on_deps": {},
+            "_make_dense": False,
+            "_make_sparse": False,
+        }
 
 
 class _FlameFormatPickler(pickle._Pickler):
