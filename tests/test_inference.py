@@ -1,0 +1,106 @@
+"""test.py end to end on synthetic demo images (untrained tiny checkpoints): files, shapes, failures."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from ofer.checkpoints import save_checkpoint
+from ofer.config import config_to_dict
+from ofer.flame import FLAME
+from ofer.inference.cli import main as run_test
+from ofer.io import load_array, read_image, read_mesh
+from ofer.models.stages import DiffusionStage, IdRank
+
+from conftest import REPO, demo_config
+
+NOW7 = [36, 39, 42, 45, 33, 48, 54]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(synthetic_root, tmp_path_factory):
+    """Randomly initialised demo-sized IdGen, ExpGen and IdRank checkpoints written by the test."""
+    out = tmp_path_factory.mktemp("ckpt")
+    paths = {}
+    for stage in ("idgen", "expgen", "idrank"):
+        cfg = demo_config(stage, synthetic_root, out)
+        if stage == "idrank":
+            front = load_array(cfg.model.front_indices_path, (None,))
+            model = IdRank(cfg, shape_dim=3 * len(front))
+        else:
+            model = DiffusionStage(cfg)
+        paths[stage] = out / f"{stage}.tar"
+        save_checkpoint(paths[stage], model, config=config_to_dict(cfg))
+    return paths
+
+
+def run(synthetic_root, checkpoints, list_file, image_dir, out, *extra):
+    flame = synthetic_root / "flame"
+    return run_test([
+        "--cfg", str(REPO / "configs" / "demo" / "test.yml"),
+        "--opt", f"model.flame_model_path={flame / 'generic_model.pkl'}",
+        "--opt", f"model.flame_lmk_embedding_path={flame / 'landmark_embedding.npy'}",
+        "--opt", f"model.front_indices_path={flame / 'frontindices.npy'}",
+        "--checkpoint1", str(checkpoints["idrank"]), "--checkpoint2", str(checkpoints["idgen"]),
+        "--checkpoint3", str(checkpoints["expgen"]),
+        "--filename", str(list_file), "--imagepath", str(image_dir), "--outputpath", str(out),
+        "--num-shapes", "4", "--num-expressions", "3", "--sampler", "ddim", "--steps", "2",
+        "--exp-sampler", "ddim", "--exp-steps", "2", "--device", "cpu", "--opt", "test.num_saved_expressions=2",
+        *extra,
+    ])
+
+
+def test_outputs_of_three_images(synthetic_root, checkpoints, tmp_path):
+    out = tmp_path / "out"
+    names = (synthetic_root / "test" / "list.txt").read_text().split()
+    assert len(names) == 3
+    assert run(synthetic_root, checkpoints, synthetic_root / "test" / "list.txt", synthetic_root / "test", out,
+               "--batch", "2") == 0
+    flame = FLAME(synthetic_root / "flame" / "generic_model.pkl")
+    for name in names:
+        verts, faces = read_mesh(out / "shapesample" / f"{name}_0.ply")
+        assert verts.shape == (flame.num_vertices, 3) and np.array_equal(faces, flame.faces.numpy())
+        for k in range(2):
+            assert read_mesh(out / "flamesample" / f"{name}_0_{k}.ply")[0].shape == (flame.num_vertices, 3)
+        assert not (out / "flamesample" / f"{name}_0_2.ply").exists()
+        params = np.load(out / f"{name}.npz")
+        assert params["shapes"].shape == (4, 300) and params["scores"].shape == (4,)
+        assert params["expressions"].shape == (3, 50) and params["jaws"].shape == (3, 3)
+        assert int(params["best"]) == int(np.argmax(params["scores"]))
+        assert np.allclose(params["shapes"][int(params["best"])] @ np.zeros(300), 0)
+        kpt68, kpt7 = np.load(out / name / "kpt68.npy"), np.load(out / name / "kpt7.npy")
+        assert kpt68.shape == (68, 3) and kpt7.shape == (7, 3)
+        assert np.allclose(kpt7, kpt68[NOW7])
+        # landmarks lie on the neutral mesh, in mm like it (within the face's extent)
+        assert np.abs(kpt7).max() < np.abs(verts).max()
+        assert read_image(out / name / "overlay.png").shape[0] > 100
+        assert read_image(out / name / "samples.png").shape[0] > 100
+    summary = json.loads((out / "summary.json").read_text())
+    assert sorted(summary["reconstructed"]) == sorted(names) and summary["failed"] == {}
+
+
+def test_bad_inputs_are_reported_and_skipped(synthetic_root, checkpoints, tmp_path):
+    images = tmp_path / "images"
+    shutil.copytree(synthetic_root / "test", images)
+    good = (images / "list.txt").read_text().split()[0]
+    (images / "corrupt.jpg").write_bytes(b"not a jpeg at all")
+    shutil.copy(images / f"{good}.npy", images / "corrupt.npy")
+    shutil.copy(images / f"{good}.jpg", images / "nonpy.jpg")
+    (images / "list.txt").write_text(f"corrupt.jpg\nnonpy\n{good}\n")
+    out = tmp_path / "out"
+    assert run(synthetic_root, checkpoints, images / "list.txt", images, out) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["reconstructed"] == [good]
+    assert "corrupt.jpg" in summary["failed"]["corrupt"] and "not a readable image" in summary["failed"]["corrupt"]
+    assert "nonpy.npy" in summary["failed"]["nonpy"] and "not found" in summary["failed"]["nonpy"]
+    assert (out / "shapesample" / f"{good}_0.ply").is_file()
+
+    # A re-run skips the finished image; --overwrite redoes it.
+    stamp = (out / "shapesample" / f"{good}_0.ply").stat().st_mtime_ns
+    run(synthetic_root, checkpoints, images / "list.txt", images, out)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["skipped_already_done"] == [good] and summary["reconstructed"] == []
+    assert (out / "shapesample" / f"{good}_0.ply").stat().st_mtime_ns == stamp
+    run(synthetic_root, checkpoints, images / "list.txt", images, out, "--overwrite")
+    assert json.loads((out / "summary.json").read_text())["reconstructed"] == [good]
