@@ -20,6 +20,7 @@ from ofer.config import DatasetConfig, OcclusionConfig
 from ofer.data.datasets import ExpressionDataset, IdentityDataset, load_pickled_npy
 from ofer.encoders.normalise import CLIP_MEAN, CLIP_STD
 from ofer.io import InputError
+from ofer.preprocess import typical_arcface_matrix
 
 # Every image is one flat colour and its ArcFace array one constant, both keyed by an image id,
 # so an item tells which file each of its K images came from and whether image and array match.
@@ -279,7 +280,7 @@ def test_occlusion_is_applied_to_training_items_only(tiny, monkeypatch):
             built.append((prob, min_area, max_area, kinds))
 
         def __call__(self, image224, arcface112, arcface_matrix, rng):
-            calls.append((image224.shape, image224.dtype, arcface112.shape, arcface_matrix, type(rng)))
+            calls.append((image224.shape, image224.dtype, arcface112.shape, arcface_matrix.tolist(), type(rng)))
             return np.zeros_like(image224), np.full_like(arcface112, -1.0), np.ones((224, 224), bool)
 
     monkeypatch.setitem(sys.modules, "ofer.data.occlusion", types.SimpleNamespace(OcclusionAugment=StandInAugment))
@@ -292,7 +293,8 @@ def test_occlusion_is_applied_to_training_items_only(tiny, monkeypatch):
 
     item = IdentityDataset(cfg, ["AAA"], split="train")[0]
     assert built == [(0.7, 0.1, 0.2, ["hand"])]
-    assert calls == [((224, 224, 3), np.uint8, (3, 112, 112), None, np.random.Generator)] * cfg.n_images
+    typical = typical_arcface_matrix().tolist()  # the MICA layout stores no alignment
+    assert calls == [((224, 224, 3), np.uint8, (3, 112, 112), typical, np.random.Generator)] * cfg.n_images
     black = -torch.tensor(CLIP_MEAN) / torch.tensor(CLIP_STD)
     assert torch.allclose(item["image"], black[None, :, None, None].expand_as(item["image"]))
     assert torch.all(item["arcface"] == -1)

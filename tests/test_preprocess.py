@@ -380,3 +380,14 @@ def test_cli_duplicate_names_and_empty_input(tmp_path):
         )
         == 2
     )
+
+
+def test_typical_arcface_matrix_matches_an_upright_face():
+    """For an upright face whose box is the typical one, the real 224->112 map equals the typical map."""
+    from ofer.preprocess import arcface_matrix_224_to_112, box_from_keypoints, prepare_face, typical_arcface_matrix
+
+    kps5 = ARCFACE_TEMPLATE * 2.5 + np.array([40.0, 30.0])  # an upright face, scaled and moved
+    photo = np.zeros((400, 400, 3), np.uint8)
+    face = prepare_face(photo, kps5, box_from_keypoints(kps5))
+    real = arcface_matrix_224_to_112(face.m224, face.m112)
+    assert np.allclose(real, typical_arcface_matrix(), atol=1e-3)

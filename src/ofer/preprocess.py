@@ -200,6 +200,25 @@ def arcface_to_bgr(arcface: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(rgb[..., ::-1])
 
 
+def farl_matrix(box: np.ndarray) -> np.ndarray:
+    """(2, 3) similarity taking photo pixels to the 224 FaRL crop of a face box (see farl_crop)."""
+    x1, y1, x2, y2 = _check_box(box)
+    side = FARL_BOX_SCALE * ((x2 - x1) + (y2 - y1)) / 2
+    centre_x, centre_y = (x1 + x2) / 2, (y1 + y2) / 2
+    scale = FARL_SIZE / side
+    return np.array([[scale, 0.0, -scale * (centre_x - side / 2)], [0.0, scale, -scale * (centre_y - side / 2)]])
+
+
+def typical_arcface_matrix() -> np.ndarray:
+    """(2, 3) map from 224-crop pixels to 112 ArcFace-crop pixels for a typical face.
+
+    For data saved without its alignment (the MICA layout stores only the two crops), this
+    places the same region in both crops: the face box sits at `FACE_BOX_IN_TEMPLATE` in
+    the ArcFace crop, and the 224 crop is the FaRL square around that box.
+    """
+    return cv2.invertAffineTransform(farl_matrix(FACE_BOX_IN_TEMPLATE))
+
+
 def farl_crop(image_bgr: np.ndarray, box: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Square FaRL crop around a face box, warped to 224×224.
 
@@ -213,13 +232,7 @@ def farl_crop(image_bgr: np.ndarray, box: np.ndarray) -> tuple[np.ndarray, np.nd
     Returns:
         crop224_bgr (224, 224, 3) uint8 and M (2, 3) mapping photo pixels to crop pixels.
     """
-    x1, y1, x2, y2 = _check_box(box)
-    side = FARL_BOX_SCALE * ((x2 - x1) + (y2 - y1)) / 2
-    centre_x, centre_y = (x1 + x2) / 2, (y1 + y2) / 2
-    scale = FARL_SIZE / side
-    matrix = np.array(
-        [[scale, 0.0, -scale * (centre_x - side / 2)], [0.0, scale, -scale * (centre_y - side / 2)]]
-    )
+    matrix = farl_matrix(box)
     return _warp(image_bgr, matrix, FARL_SIZE), matrix
 
 

@@ -50,14 +50,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from ofer.config import DatasetConfig
-from ofer.encoders.normalise import ARCFACE_SIZE, CLIP_MEAN, CLIP_STD, FARL_SIZE
+from ofer.encoders.normalise import ARCFACE_SIZE, clip_normalise_bgr, crop_to_clip_input
 from ofer.io import InputError, load_array, read_image
+from ofer.preprocess import typical_arcface_matrix
 
 logger = logging.getLogger(__name__)
 
@@ -196,28 +196,6 @@ def _load_npz(path: Path) -> dict[str, np.ndarray]:
         raise InputError(f"{path}: not a readable .npz file ({err})") from err
 
 
-def _crop_to_clip_input(image_bgr: np.ndarray) -> np.ndarray:
-    """Resize (bicubic) the short side to 224 and centre-crop: (H, W, 3) -> (224, 224, 3) uint8."""
-    height, width = image_bgr.shape[:2]
-    if (height, width) == (FARL_SIZE, FARL_SIZE):
-        return image_bgr
-    scale = FARL_SIZE / min(height, width)
-    new_w, new_h = max(FARL_SIZE, round(width * scale)), max(FARL_SIZE, round(height * scale))
-    resized = cv2.resize(image_bgr, (new_w, new_h), interpolation=cv2.INTER_CUBIC)
-    top, left = (new_h - FARL_SIZE) // 2, (new_w - FARL_SIZE) // 2
-    return resized[top : top + FARL_SIZE, left : left + FARL_SIZE]
-
-
-_CLIP_MEAN = np.asarray(CLIP_MEAN, dtype=np.float32)
-_CLIP_STD = np.asarray(CLIP_STD, dtype=np.float32)
-
-
-def clip_normalise_bgr(image_bgr: np.ndarray) -> np.ndarray:
-    """(224, 224, 3) uint8 BGR -> (3, 224, 224) float32 RGB, (x/255 - CLIP mean) / CLIP std."""
-    rgb = image_bgr[..., ::-1].astype(np.float32) / 255.0
-    return np.ascontiguousarray(((rgb - _CLIP_MEAN) / _CLIP_STD).transpose(2, 0, 1))
-
-
 # ----------------------------------------------------------------------------- base
 
 
@@ -271,14 +249,14 @@ class _FaceDataset(Dataset):
     def _load_pair(self, name: str, image_rel: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """One image: (3, 224, 224) CLIP-normalised RGB crop and (3, 112, 112) ArcFace input."""
         image_path = self._resolve(name, image_rel, "arcface_input")
-        image = _crop_to_clip_input(read_image(image_path))  # (224, 224, 3) uint8 BGR
+        image = crop_to_clip_input(read_image(image_path))  # (224, 224, 3) uint8 BGR
         arcface_path = image_path.with_suffix(".npy")
         arcface = load_array(arcface_path, shape=(3, ARCFACE_SIZE, ARCFACE_SIZE)).astype(np.float32)
         if not np.isfinite(arcface).all():
             raise InputError(f"{arcface_path}: ArcFace input holds non-finite values")
         if self.occlusion is not None:
-            # No stored alignment in this layout: the augmenter maps the patch by resizing.
-            image, arcface, _ = self.occlusion(image, arcface, None, rng)
+            # No stored alignment in this layout: map the occluder with a typical face's.
+            image, arcface, _ = self.occlusion(image, arcface, typical_arcface_matrix(), rng)
         return clip_normalise_bgr(image), np.ascontiguousarray(arcface, dtype=np.float32)
 
     def _skip(self, key: Any, err: InputError) -> None:

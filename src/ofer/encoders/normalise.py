@@ -8,6 +8,7 @@ of a shape error deep inside the network.
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import torch
 
@@ -37,6 +38,28 @@ def clip_normalise(images_rgb: torch.Tensor) -> torch.Tensor:
     mean = torch.tensor(CLIP_MEAN, dtype=images_rgb.dtype, device=images_rgb.device)
     std = torch.tensor(CLIP_STD, dtype=images_rgb.dtype, device=images_rgb.device)
     return (images_rgb - mean[:, None, None]) / std[:, None, None]
+
+
+def crop_to_clip_input(image_bgr: np.ndarray) -> np.ndarray:
+    """Resize (bicubic) the short side to 224 and centre-crop: (H, W, 3) -> (224, 224, 3) uint8."""
+    height, width = image_bgr.shape[:2]
+    if (height, width) == (FARL_SIZE, FARL_SIZE):
+        return image_bgr
+    scale = FARL_SIZE / min(height, width)
+    new_w, new_h = max(FARL_SIZE, round(width * scale)), max(FARL_SIZE, round(height * scale))
+    resized = cv2.resize(image_bgr, (new_w, new_h), interpolation=cv2.INTER_CUBIC)
+    top, left = (new_h - FARL_SIZE) // 2, (new_w - FARL_SIZE) // 2
+    return resized[top : top + FARL_SIZE, left : left + FARL_SIZE]
+
+
+_CLIP_MEAN = np.asarray(CLIP_MEAN, dtype=np.float32)
+_CLIP_STD = np.asarray(CLIP_STD, dtype=np.float32)
+
+
+def clip_normalise_bgr(image_bgr: np.ndarray) -> np.ndarray:
+    """(224, 224, 3) uint8 BGR -> (3, 224, 224) float32 RGB, (x/255 - CLIP mean) / CLIP std."""
+    rgb = image_bgr[..., ::-1].astype(np.float32) / 255.0
+    return np.ascontiguousarray(((rgb - _CLIP_MEAN) / _CLIP_STD).transpose(2, 0, 1))
 
 
 def check_image_batch(images: torch.Tensor, size: int, encoder: str) -> None:

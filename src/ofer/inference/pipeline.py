@@ -10,13 +10,12 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 
 from ofer.checkpoints import checkpoint_config, load_state, read_checkpoint
 from ofer.config import Config, TestConfig
-from ofer.encoders.normalise import FARL_SIZE, clip_normalise
+from ofer.encoders.normalise import clip_normalise_bgr, crop_to_clip_input
 from ofer.flame import FLAME
 from ofer.io import load_array, read_image
 from ofer.models.idrank import rank_features
@@ -48,15 +47,7 @@ def load_inputs(image_path: Path) -> tuple[torch.Tensor, torch.Tensor, np.ndarra
     """
     crop = read_image(image_path)
     arcface = load_array(image_path.with_suffix(".npy"), (3, 112, 112)).astype(np.float32)
-    return farl_input(crop), torch.from_numpy(arcface), crop
-
-
-def farl_input(crop_bgr: np.ndarray) -> torch.Tensor:
-    """BGR uint8 crop (H, W, 3) -> CLIP-normalised RGB tensor (3, 224, 224)."""
-    if crop_bgr.shape[:2] != (FARL_SIZE, FARL_SIZE):
-        crop_bgr = cv2.resize(crop_bgr, (FARL_SIZE, FARL_SIZE), interpolation=cv2.INTER_CUBIC)
-    rgb = torch.from_numpy(np.ascontiguousarray(crop_bgr[..., ::-1])).permute(2, 0, 1).float() / 255.0
-    return clip_normalise(rgb)
+    return torch.from_numpy(clip_normalise_bgr(crop_to_clip_input(crop))), torch.from_numpy(arcface), crop
 
 
 class OferPipeline:
