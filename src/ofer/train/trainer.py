@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -132,6 +133,8 @@ class Trainer:
         )
         self.step = 0
         self.best = math.inf
+        self.seconds = 0.0  # training wall time before this process, kept across resumes
+        self._started = time.perf_counter()
         if resume:
             self._resume()
         self.train_set = build_dataset(cfg, "train")
@@ -150,7 +153,7 @@ class Trainer:
         self.scheduler.load_state_dict(ckpt["scheduler"])
         if self.ema is not None and "ema" in ckpt:
             self.ema.load_state_dict(ckpt["ema"])
-        self.step, self.best = ckpt["step"], ckpt["best"]
+        self.step, self.best, self.seconds = ckpt["step"], ckpt["best"], ckpt.get("train_seconds", 0.0)
         torch.set_rng_state(ckpt["rng"]["torch"])
         if torch.cuda.is_available() and ckpt["rng"].get("cuda"):
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
@@ -163,6 +166,7 @@ class Trainer:
             "config": config_to_dict(self.cfg),
             "step": self.step,
             "best": self.best,
+            "train_seconds": self.seconds + time.perf_counter() - self._started,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "rng": rng,
@@ -208,6 +212,7 @@ class Trainer:
         bar = tqdm(total=cfg.train.max_steps, initial=self.step, disable=not place.is_main, desc=cfg.stage)
         recent: list[float] = []
         last = self.out / "last.tar"
+        self._started = time.perf_counter()
         for batch in loader:
             batch = to_device(batch, place.device)
             with torch.autocast(place.device.type, dtype=torch.bfloat16, enabled=self.amp):
