@@ -1,5 +1,6 @@
 """The shared trainer: every stage trains a few steps, and a resumed run equals an uninterrupted one."""
 
+import pytest
 import torch
 
 from ofer.checkpoints import read_checkpoint
@@ -15,17 +16,22 @@ def params(path):
     return read_checkpoint(path)["net"]
 
 
-def test_resume_reaches_the_same_parameters(synthetic_root, tmp_path):
-    trainer = Trainer(demo_config("idgen", synthetic_root, tmp_path / "a", "train.max_steps=6", *FAST))
+@pytest.mark.parametrize("ema", [[], ["train.ema_decay=0.9"]], ids=["plain", "ema"])
+def test_resume_reaches_the_same_parameters(synthetic_root, tmp_path, ema):
+    trainer = Trainer(demo_config("idgen", synthetic_root, tmp_path / "a", "train.max_steps=6", *FAST, *ema))
     initial = {k: v.clone() for k, v in trainer.task.model.net.state_dict().items()}
     straight = trainer.fit()
-    Trainer(demo_config("idgen", synthetic_root, tmp_path / "b", "train.max_steps=3", *FAST)).fit()
-    resumed = Trainer(demo_config("idgen", synthetic_root, tmp_path / "b", "train.max_steps=6", *FAST), resume=True)
+    Trainer(demo_config("idgen", synthetic_root, tmp_path / "b", "train.max_steps=3", *FAST, *ema)).fit()
+    resumed = Trainer(demo_config("idgen", synthetic_root, tmp_path / "b", "train.max_steps=6", *FAST, *ema), resume=True)
     assert resumed.step == 3
     resumed = resumed.fit()
     a, b = params(straight), params(resumed)
     assert read_checkpoint(resumed)["step"] == 6
     assert all(torch.equal(a[k], b[k]) for k in a)
+    if ema:  # the usual keys hold the average, `train_weights` the raw weights, both resumed exactly
+        raw_a, raw_b = (read_checkpoint(p)["train_weights"]["net"] for p in (straight, resumed))
+        assert all(torch.equal(raw_a[k], raw_b[k]) for k in raw_a)
+        assert any(not torch.equal(raw_a[k], a[k]) for k in a)
     assert any(not torch.equal(a[k], initial[k]) for k in a)  # training did change the weights
 
 

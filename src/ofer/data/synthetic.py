@@ -62,6 +62,7 @@ class SyntheticSettings:
     test_images: int = 12
     occluded_fraction: float = 0.5  # of the test images, and of the training images
     shape_std: float = 1.0
+    shape_decay: float = 20.0  # coefficient i has std shape_std * exp(-i / shape_decay), like a PCA basis
     expression_std: float = 1.0
     max_jaw_open: float = 0.25  # radians
     max_yaw: float = 20.0  # degrees
@@ -143,7 +144,8 @@ class SampleMaker:
 
     def identity(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """A random shape (300,) and skin albedo (3,) BGR in [0, 1]."""
-        shape = rng.normal(0, self.s.shape_std, N_SHAPE).astype(np.float32)
+        std = self.s.shape_std * np.exp(-np.arange(N_SHAPE) / self.s.shape_decay)
+        shape = (rng.normal(0, 1, N_SHAPE) * std).astype(np.float32)
         tone = rng.uniform(0.35, 0.85)
         albedo = np.array([0.55 * tone + 0.1, 0.7 * tone + 0.1, tone + 0.1]) * rng.uniform(0.9, 1.1, 3)
         return shape, np.clip(albedo, 0, 1)

@@ -31,9 +31,9 @@ def flatten_images(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     return batch["image"].flatten(0, 1), batch["arcface"].flatten(0, 1)
 
 
-def build_flame(cfg: Config) -> FLAME:
+def build_flame(cfg: Config, n_shape: int | None = None) -> FLAME:
     """The FLAME layer named by the config (landmarks are not needed for training)."""
-    return FLAME(cfg.model.flame_model_path, n_shape=cfg.model.n_shape, n_exp=cfg.model.n_exp)
+    return FLAME(cfg.model.flame_model_path, n_shape=n_shape or cfg.model.n_shape, n_exp=cfg.model.n_exp)
 
 
 def load_front_indices(cfg: Config) -> torch.Tensor:
@@ -106,10 +106,10 @@ class IdRankTask(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         self.cfg = cfg
-        self.flame = build_flame(cfg)
+        self.idgen = self._frozen_idgen(cfg)
+        self.flame = build_flame(cfg, n_shape=self.idgen.flame_dim)  # the shapes IdGen samples
         self.register_buffer("front_idx", load_front_indices(cfg), persistent=False)
         self.model = IdRank(cfg, shape_dim=3 * len(self.front_idx))
-        self.idgen = self._frozen_idgen(cfg)
 
     @staticmethod
     def _frozen_idgen(cfg: Config) -> DiffusionStage:
@@ -135,7 +135,7 @@ class IdRankTask(nn.Module):
         image, arcface = flatten_images(batch)
         k = batch["image"].shape[1]
         meshes = self.sample_meshes(image, arcface)  # (B*K, N, V, 3)
-        shape = batch["shape"][:, : self.cfg.model.n_shape].repeat_interleave(k, dim=0)
+        shape = batch["shape"][:, : self.idgen.flame_dim].repeat_interleave(k, dim=0)
         with torch.no_grad():
             truth = self.flame(shape) * 1000.0  # (B*K, V, 3)
         errors = front_vertex_errors(meshes, truth, self.front_idx)  # (B*K, N)

@@ -8,6 +8,7 @@ a checkpoint and resumed with ``--resume`` therefore continues exactly (on CPU).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -25,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from ofer.checkpoints import load_state, read_checkpoint, save_checkpoint
+from ofer.checkpoints import MODULE_KEYS, load_state, read_checkpoint, save_checkpoint
 from ofer.config import Config, config_to_dict
 from ofer.data.datasets import ExpressionDataset, IdentityDataset
 from ofer.train.tasks import build_task, param_groups
@@ -127,7 +128,7 @@ class Trainer:
             self.optimizer, factor=cfg.train.lr_factor, patience=cfg.train.lr_patience
         )
         self.ema = (
-            AveragedModel(self.task.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay))
+            AveragedModel(self.task.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay), use_buffers=True)
             if cfg.train.ema_decay
             else None
         )
@@ -148,11 +149,13 @@ class Trainer:
             log.info("--resume: no %s yet, starting from scratch", path)
             return
         ckpt = read_checkpoint(path)
-        load_state(ckpt, self.task.model, path)
+        # With EMA the model entries hold the averaged weights and `train_weights` the raw ones.
+        load_state(ckpt.get("train_weights", ckpt), self.task.model, path)
+        if self.ema is not None:
+            load_state(ckpt, self.ema.module, path)
+            self.ema.n_averaged.fill_(ckpt.get("ema_n_averaged", 0))
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
-        if self.ema is not None and "ema" in ckpt:
-            self.ema.load_state_dict(ckpt["ema"])
         self.step, self.best, self.seconds = ckpt["step"], ckpt["best"], ckpt.get("train_seconds", 0.0)
         torch.set_rng_state(ckpt["rng"]["torch"])
         if torch.cuda.is_available() and ckpt["rng"].get("cuda"):
@@ -171,9 +174,11 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "rng": rng,
         }
-        if self.ema is not None:
-            extra["ema"] = self.ema.state_dict()
-        save_checkpoint(path, self.task.model, **extra)
+        if self.ema is not None:  # inference loads the averaged weights under the usual keys
+            extra["train_weights"] = {k: getattr(self.task.model, k).state_dict() for k in MODULE_KEYS
+                                      if isinstance(getattr(self.task.model, k, None), nn.Module)}
+            extra["ema_n_averaged"] = int(self.ema.n_averaged)
+        save_checkpoint(path, self.ema.module if self.ema is not None else self.task.model, **extra)
         return path
 
     # ------------------------------------------------------------------ loop
@@ -185,8 +190,25 @@ class Trainer:
                           pin_memory=self.place.device.type == "cuda",
                           generator=torch.Generator().manual_seed(seed))
 
+    @contextlib.contextmanager
+    def _averaged_weights(self) -> Iterator[None]:
+        """Inside the block the stage module holds the EMA weights (when EMA is on)."""
+        if self.ema is None:
+            yield
+            return
+        raw = {k: v.clone() for k, v in self.task.model.state_dict().items()}
+        self.task.model.load_state_dict(self.ema.module.state_dict())
+        try:
+            yield
+        finally:
+            self.task.model.load_state_dict(raw)
+
     def validate(self) -> dict[str, float]:
         """Average the task's validation metrics over `val_batches` fixed batches (same on every rank)."""
+        with self._averaged_weights():
+            return self._validate()
+
+    def _validate(self) -> dict[str, float]:
         self.task.eval()
         generator = torch.Generator(self.place.device).manual_seed(self.cfg.train.seed)
         sums: dict[str, float] = {}

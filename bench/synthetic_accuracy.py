@@ -1,0 +1,114 @@
+"""Accuracy and diversity of the demo checkpoints on held-out synthetic faces, per sampler.
+
+Runs the whole pipeline on frames of the held-out SYNTHVAL actors (never seen in
+training) and compares with their ground truth, for each sampler setting (the same sampler
+for IdGen and ExpGen). All errors are mean per-vertex distances in mm:
+
+- shape: IdRank's pick, a random IdGen sample (mean over the N), the best sample
+  (oracle), and the model's mean face as the baseline; shape diversity is the per-vertex
+  spread of the N samples;
+- expression: ExpGen's samples applied to the TRUE identity (so only expression and jaw
+  are measured): the first sample, the best (oracle), and the neutral face as the baseline;
+  expression diversity is the spread of the M samples.
+
+It also prints each demo checkpoint's training time. Needs `python demo.py` (or the three
+demo trainings) to have run. Example:
+
+    python bench/synthetic_accuracy.py --images 24 --settings "ddim 25" "ddim 10"
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ofer.checkpoints import read_checkpoint
+from ofer.config import load_config
+from ofer.data.datasets import ExpressionDataset
+from ofer.eval.metrics import diversity, vertex_errors
+from ofer.inference.pipeline import OferPipeline
+
+REPO = Path(__file__).resolve().parents[1]
+CKPT = REPO / "checkpoint" / "demo"
+SETTINGS = {  # label -> (sampler, steps)
+    "ddpm 1000": ("ddpm", None),
+    "ddim_legacy": ("ddim_legacy", None),
+    "ddim 250": ("ddim", 250),
+    "ddim 50": ("ddim", 50),
+    "ddim 25": ("ddim", 25),
+    "ddim 10": ("ddim", 10),
+}
+
+
+def held_out_frames(count: int) -> dict[str, torch.Tensor]:
+    """The first `count` SYNTHVAL frames with their ground-truth FLAME parameters."""
+    cfg = load_config(REPO / "configs" / "demo" / "expgen.yml", ["dataset.occlusion.enabled=false"])
+    data = ExpressionDataset(cfg.dataset, ["SYNTHVAL"], n_exp=50, split="val", seed=0)
+    items = [data[i] for i in range(min(count, len(data)))]
+    return {k: torch.stack([it[k] for it in items]) for k in ("image", "arcface", "shape", "expression", "jaw")}
+
+
+@torch.no_grad()
+def evaluate(pipe: OferPipeline, frames: dict[str, torch.Tensor], seed: int) -> dict[str, float]:
+    flame = pipe.flame
+    recs = pipe(frames["image"][:, 0], frames["arcface"][:, 0], torch.Generator().manual_seed(seed))
+    rows = []
+    for i, rec in enumerate(recs):
+        shape = frames["shape"][i : i + 1]
+        neutral_gt = flame(shape)[0].numpy() * 1000.0
+        expr_gt = flame(shape, expression=frames["expression"][i : i + 1], jaw=frames["jaw"][i : i + 1])[0].numpy() * 1000.0
+        samples = flame(torch.from_numpy(rec.shapes)).numpy() * 1000.0  # (N, V, 3)
+        shape_err = vertex_errors(samples, neutral_gt).mean(1)  # (N,)
+        mean_face = flame(torch.zeros_like(shape))[0].numpy() * 1000.0
+        m = len(rec.expressions)
+        exp_meshes = flame(shape.expand(m, -1), expression=torch.from_numpy(rec.expressions),
+                           jaw=pipe.jaw_scale * torch.from_numpy(rec.jaws)).numpy() * 1000.0  # (M, V, 3)
+        exp_err = vertex_errors(exp_meshes, expr_gt).mean(1)  # (M,)
+        rows.append({
+            "shape_ranked": shape_err[rec.best], "shape_random": shape_err.mean(), "shape_oracle": shape_err.min(),
+            "shape_mean_face": vertex_errors(mean_face, neutral_gt).mean(), "shape_diversity": diversity(samples).mean(),
+            "exp_first": exp_err[0], "exp_oracle": exp_err.min(),
+            "exp_neutral": vertex_errors(neutral_gt, expr_gt).mean(), "exp_diversity": diversity(exp_meshes).mean(),
+        })
+    return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--images", type=int, default=24)
+    p.add_argument("--num-shapes", type=int, default=32)
+    p.add_argument("--num-expressions", type=int, default=16)
+    p.add_argument("--settings", nargs="*", default=list(SETTINGS), choices=list(SETTINGS))
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    for stage in ("idgen", "expgen", "idrank"):
+        ckpt = read_checkpoint(CKPT / stage / "last.tar")
+        print(f"{stage}: {ckpt['step']} steps, trained for {ckpt.get('train_seconds', float('nan')) / 60:.1f} min")
+    cfg = load_config(REPO / "configs" / "demo" / "test.yml",
+                      [f"test.numsamples={args.num_shapes}", f"test.num_expressions={args.num_expressions}"])
+    pipe = OferPipeline.from_checkpoints(cfg, CKPT / "idrank" / "last.tar", CKPT / "idgen" / "last.tar",
+                                         CKPT / "expgen" / "last.tar", torch.device("cpu"))
+    frames = held_out_frames(args.images)
+    print(f"\n{len(frames['image'])} held-out frames, N={args.num_shapes} shapes, M={args.num_expressions} expressions, "
+          "errors and diversity in mm\n")
+    header = None
+    for label in args.settings:
+        sampler, steps = SETTINGS[label]
+        pipe.test.sampling, pipe.test.steps, pipe.test.exp_sampling, pipe.test.exp_steps = sampler, steps, sampler, steps
+        start = time.perf_counter()
+        result = evaluate(pipe, frames, args.seed)
+        seconds = time.perf_counter() - start
+        if header is None:
+            header = list(result)
+            print("| sampler | " + " | ".join(header) + " | s/image |")
+            print("|---" * (len(header) + 2) + "|")
+        print(f"| {label} | " + " | ".join(f"{result[k]:.2f}" for k in header) + f" | {seconds / len(frames['image']):.2f} |",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
