@@ -41,10 +41,7 @@ epoch's DataLoader iterator (workers copy the dataset when the iterator starts).
 
 from __future__ import annotations
 
-import codecs
-import io
 import logging
-import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +53,7 @@ from torch.utils.data import Dataset
 
 from ofer.config import DatasetConfig
 from ofer.encoders.normalise import ARCFACE_SIZE, clip_normalise_bgr, crop_to_clip_input
+from ofer.flame.safe_pickle import load_npy_object
 from ofer.io import InputError, load_array, read_image
 from ofer.preprocess import typical_arcface_matrix
 
@@ -74,71 +72,19 @@ _EXPRESSION_LAYOUT = "a dict actor -> list of [image relpath, parameter relpath]
 # ----------------------------------------------------------------------------- safe pickles
 
 
-def _numpy_globals() -> dict[tuple[str, str], Any]:
-    """The only globals a pickled numpy array/scalar needs, under numpy 1.x and 2.x module names."""
-    reconstruct = np.zeros(0).__reduce__()[0]  # numpy's array-rebuild function
-    scalar = np.float64(0).__reduce__()[0]  # numpy's scalar-rebuild function
-    allowed: dict[tuple[str, str], Any] = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
-    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        allowed[(module, "_reconstruct")] = reconstruct
-        allowed[(module, "scalar")] = scalar
-    allowed[("_codecs", "encode")] = codecs.encode  # bytes in protocol-2 pickles
-    return allowed
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Unpickler that rebuilds containers, strings and numpy arrays, and refuses every other global.
-
-    Every allowed global is a C type or a builtin function, whose attributes a BUILD opcode
-    cannot change, so the allow-list alone bounds what a list file can do.
-    """
-
-    _allowed = _numpy_globals()
-
-    def __init__(self, file: io.BufferedIOBase, path: Path) -> None:
-        super().__init__(file, encoding="latin1")  # latin1: Python-2 pickles of numpy data
-        self._path = path
-
-    def find_class(self, module: str, name: str) -> Any:
-        try:
-            return self._allowed[(module, name)]
-        except KeyError:
-            raise InputError(
-                f"{self._path}: refused to load pickled global '{module}.{name}' "
-                "(only containers, strings and numpy arrays are allowed)"
-            ) from None
-
-
 def load_pickled_npy(path: str | Path) -> Any:
-    """Load an .npy file that may hold a pickled object (a dict saved with np.save), safely.
+    """Load a list file (an .npy holding a pickled dict) with the restricted unpickler.
 
-    Plain numeric arrays load as with ``np.load(allow_pickle=False)``; an object array is
-    unpickled with a restricted unpickler, and a 0-d object array (how np.save stores a dict)
-    is unwrapped to the object itself.
+    Only containers, strings and numpy arrays may appear; anything else is refused without
+    being executed. Errors name the file.
     """
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: file not found")
     try:
-        with open(path, "rb") as handle:
-            version = np.lib.format.read_magic(handle)
-            read_header = {
-                (1, 0): np.lib.format.read_array_header_1_0,
-                (2, 0): np.lib.format.read_array_header_2_0,
-            }
-            if version not in read_header:
-                raise ValueError(f"unsupported .npy format version {version}")
-            _, _, dtype = read_header[version](handle)
-            if not dtype.hasobject:
-                return load_array(path)
-            obj = _RestrictedUnpickler(handle, path).load()
-    except InputError:
-        raise
-    except Exception as err:  # a corrupt pickle stream can raise almost any exception type
-        raise InputError(f"{path}: not a readable .npy file ({err})") from err
-    if isinstance(obj, np.ndarray) and obj.dtype.hasobject and obj.ndim == 0:
-        return obj.item()
-    return obj
+        return load_npy_object(path, plain_data=True)
+    except Exception as err:  # a corrupt or hostile pickle stream can raise almost any exception
+        raise InputError(f"{path}: not a readable list file ({err})") from err
 
 
 # ----------------------------------------------------------------------------- helpers

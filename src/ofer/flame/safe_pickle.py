@@ -165,6 +165,20 @@ class _RestrictedUnpickler(pickle._Unpickler):
         raise UnsafePickleError(f"persistent ids are not supported (got {pid!r})")
 
 
+class _PlainDataUnpickler(_RestrictedUnpickler):
+    """Containers, strings and numpy arrays only: for list files, which need nothing more."""
+
+    _allowed = {**_numpy_globals(), ("_codecs", "encode"): _builtin_globals()[("_codecs", "encode")]}
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = self._allowed.get((module, name))
+        if found is None:
+            raise UnsafePickleError(
+                f"refused to load global '{module}.{name}' (only containers, strings and numpy arrays are allowed)"
+            )
+        return found
+
+
 def _to_numpy(obj: Any, source: str) -> Any:
     """Replace chumpy stubs and torch tensors by numpy arrays, recursing into containers."""
     if isinstance(obj, _ChumpyStub):
@@ -187,14 +201,43 @@ def _to_numpy(obj: Any, source: str) -> Any:
     return obj
 
 
-def _unpickle(file: Any, source: str) -> Any:
+def _unpickle(file: Any, source: str, plain_data: bool = False) -> Any:
     try:
-        loaded = _RestrictedUnpickler(file).load()
+        loaded = (_PlainDataUnpickler if plain_data else _RestrictedUnpickler)(file).load()
     except UnsafePickleError as error:
         raise UnsafePickleError(f"{source}: {error}") from None
     except (pickle.UnpicklingError, EOFError) as error:
         raise pickle.UnpicklingError(f"{source}: truncated or not a pickle ({error!r})") from None
     return _to_numpy(loaded, source)
+
+
+def load_npy_object(path: str | os.PathLike, plain_data: bool = False) -> Any:
+    """Read an .npy file; one holding a pickled object (``np.save`` of a dict) is unpickled safely.
+
+    ``np.load`` would need ``allow_pickle=True``; instead the .npy header is parsed here and the
+    pickle payload goes through the restricted unpickler (`plain_data`: containers, strings and
+    numpy arrays only). A numeric array loads as with ``allow_pickle=False``; a 0-d object
+    array (how ``np.save`` stores a dict) is unwrapped to the object.
+    """
+    path = Path(path)
+    with path.open("rb") as file:
+        try:
+            version = np.lib.format.read_magic(file)
+            read_header = {
+                (1, 0): np.lib.format.read_array_header_1_0,
+                (2, 0): np.lib.format.read_array_header_2_0,
+            }.get(version)
+            if read_header is None:
+                raise ValueError(f"unsupported .npy format version {version}")
+            _, _, dtype = read_header(file)
+        except ValueError as error:
+            raise ValueError(f"{path}: not a valid .npy file ({error})") from error
+        if not dtype.hasobject:
+            return np.load(path, allow_pickle=False)
+        obj = _unpickle(file, str(path), plain_data)
+    if isinstance(obj, np.ndarray) and obj.dtype.hasobject and obj.ndim == 0:
+        return obj.item()
+    return obj
 
 
 def load_pickle(path: str | os.PathLike) -> Any:
@@ -278,22 +321,9 @@ def load_landmark_embedding(path: str | os.PathLike) -> dict[str, np.ndarray]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"landmark embedding not found at {path}: it ships with FLAME; {FLAME_DOWNLOAD_HINT}")
-    with path.open("rb") as file:
-        try:
-            version = np.lib.format.read_magic(file)
-            read_header = {
-                (1, 0): np.lib.format.read_array_header_1_0,
-                (2, 0): np.lib.format.read_array_header_2_0,
-            }.get(version)
-            if read_header is None:
-                raise ValueError(f"unsupported .npy format version {version}")
-            shape, _, dtype = read_header(file)
-        except ValueError as error:
-            raise ValueError(f"{path}: not a valid .npy file ({error})") from error
-        if not dtype.hasobject or shape != ():
-            raise ValueError(f"{path}: expected an .npy holding one pickled dict, got {dtype} array {shape}")
-        raw = _unpickle(file, str(path))
-    raw = raw.item() if isinstance(raw, np.ndarray) else raw
+    raw = load_npy_object(path)
+    if isinstance(raw, np.ndarray):
+        raise ValueError(f"{path}: expected an .npy holding one pickled dict, got a {raw.dtype} array {raw.shape}")
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a pickled dict of landmark arrays, got {type(raw).__name__}")
     embedding = {}
