@@ -102,7 +102,7 @@ def main() -> None:
     print(f"one IdGen call (batch {len(x_id)}): {1000 * id_call:.1f} ms; one ExpGen call (batch {len(x_exp)}): "
           f"{1000 * exp_call:.1f} ms")
 
-    print(f"\n| setting | s per batch | images/s |\n|---|---|---|")
+    print("\n| setting | s per batch | images/s |\n|---|---|---|")
     for label, s_id, n_id, s_exp, n_exp in SETTINGS:
         if args.only and label not in args.only:
             continue
