@@ -39,6 +39,8 @@ def test_expgen_and_idrank_train(synthetic_root, tmp_path):
     exp = Trainer(demo_config("expgen", synthetic_root, tmp_path / "exp", "train.max_steps=3", *FAST))
     exp_last = exp.fit()
     assert read_checkpoint(exp_last)["step"] == 3
+    assert exp.last_picture.ndim == 3 and exp.last_picture.shape[2] == 3  # truth vs sample, for tensorboard
+    assert list((tmp_path / "exp" / "tb").glob("events.out.tfevents.*"))
     idgen_last = Trainer(demo_config("idgen", synthetic_root, tmp_path / "idgen", "train.max_steps=1", *FAST)).fit()
     rank = Trainer(demo_config("idrank", synthetic_root, tmp_path / "rank", "train.max_steps=3",
                                f"idrank.idgen_checkpoint={idgen_last}", "idrank.numsamples=4", "idrank.steps=2", *FAST))

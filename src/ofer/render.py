@@ -358,3 +358,17 @@ def image_grid(
             scale *= min(1.0, width / max(text_w, 1))
             cv2.putText(sheet, labels[i], (left, top + 12), font, scale, (0, 0, 0), thickness, cv2.LINE_AA)
     return sheet
+
+
+def frontal_view(vertices_mm: np.ndarray, faces: np.ndarray, size: int = 160) -> np.ndarray:
+    """A frontal orthographic rendering of a FLAME mesh (y up in FLAME -> up in the image)."""
+    centre = vertices_mm.mean(0)
+    extent = np.ptp(vertices_mm[:, :2], axis=0).max()
+    s = 0.9 * size / max(extent, 1e-6)
+    screen = np.stack([
+        size / 2 + s * (vertices_mm[:, 0] - centre[0]),
+        size / 2 - s * (vertices_mm[:, 1] - centre[1]),
+        s * vertices_mm[:, 2],  # same scale as x and y, so the shading normals are right
+    ], axis=1)
+    image, _ = render_mesh(screen, faces, size, size)
+    return image

@@ -21,13 +21,12 @@ import numpy as np
 from ofer.inference.pipeline import Reconstruction
 from ofer.io import atomic_write, save_npy, save_npz, write_image, write_ply
 from ofer.preprocess import ARCFACE_TEMPLATE, arcface_to_bgr
-from ofer.render import affine_project, fit_affine_camera, image_grid, render_mesh
+from ofer.render import affine_project, fit_affine_camera, frontal_view, image_grid, render_mesh
 
 # iBUG-68 points matching the five ArcFace template keypoints (image-left eye first).
 _EYE_IMAGE_LEFT = list(range(36, 42))
 _EYE_IMAGE_RIGHT = list(range(42, 48))
 _NOSE_TIP, _MOUTH_LEFT, _MOUTH_RIGHT = 30, 48, 54
-SHEET_TILE = 160
 
 
 def done_marker(out: Path, name: str) -> Path:
@@ -54,20 +53,6 @@ def overlay_picture(arcface: np.ndarray, rec: Reconstruction, faces: np.ndarray,
     camera = fit_affine_camera(five_points(rec.kpt68_mm), ARCFACE_TEMPLATE * scale)
     drawn, _ = render_mesh(affine_project(rec.neutral_mm, camera), faces, size, size, background=crop, alpha=0.6)
     return np.concatenate([crop, drawn], axis=1)
-
-
-def frontal_view(vertices_mm: np.ndarray, faces: np.ndarray, size: int = SHEET_TILE) -> np.ndarray:
-    """A frontal orthographic rendering of a FLAME mesh (y up in FLAME -> up in the image)."""
-    centre = vertices_mm.mean(0)
-    extent = np.ptp(vertices_mm[:, :2], axis=0).max()
-    s = 0.9 * size / max(extent, 1e-6)
-    screen = np.stack([
-        size / 2 + s * (vertices_mm[:, 0] - centre[0]),
-        size / 2 - s * (vertices_mm[:, 1] - centre[1]),
-        s * vertices_mm[:, 2],  # same scale as x and y, so the shading normals are right
-    ], axis=1)
-    image, _ = render_mesh(screen, faces, size, size)
-    return image
 
 
 def samples_sheet(rec: Reconstruction, faces: np.ndarray, count: int) -> np.ndarray:

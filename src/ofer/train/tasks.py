@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -20,6 +21,7 @@ from ofer.flame import FLAME
 from ofer.io import load_array
 from ofer.models.idrank import front_vertex_errors, listnet_loss, rank_features
 from ofer.models.stages import DiffusionStage, IdRank
+from ofer.render import frontal_view, image_grid
 
 log = logging.getLogger(__name__)
 
@@ -81,23 +83,39 @@ class DiffusionTask(nn.Module):
         jaw = coeffs[:, n_exp : n_exp + 3]
         return self.flame(shape, expression=coeffs[:, :n_exp], jaw=jaw) * 1000.0
 
+    def _truth_and_sample(self, batch: Batch, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Meshes (mm) of the truth, of one sample and of the baseline per image: 3 × (B*K, V, 3)."""
+        image, arcface = flatten_images(batch)
+        context = self.model.encode(image, arcface)
+        x0 = self.targets(batch)
+        shape = batch["shape"][:, : self.cfg.model.n_shape].repeat_interleave(batch["image"].shape[1], dim=0)
+        t = self.cfg.test
+        idgen = self.cfg.stage == "idgen"
+        sampler, steps = (t.sampling, t.steps) if idgen else (t.exp_sampling, t.exp_steps)
+        samples = self.model.sample(context, 1, sampler, steps, t.eta if sampler == "ddim" else 0.0, generator)[:, 0]
+        return self.meshes_mm(x0, shape), self.meshes_mm(samples, shape), self.meshes_mm(torch.zeros_like(x0), shape)
+
     @torch.no_grad()
     def validate(self, batch: Batch, generator: torch.Generator) -> dict[str, float]:
         """Mean vertex error (mm) of sampled FLAME meshes vs ground truth, and of a trivial baseline.
 
         IdGen's baseline is the mean shape (zero coefficients), ExpGen's the neutral face.
         """
-        image, arcface = flatten_images(batch)
-        context = self.model.encode(image, arcface)
-        x0 = self.targets(batch)
-        shape = batch["shape"][:, : self.cfg.model.n_shape].repeat_interleave(batch["image"].shape[1], dim=0)
-        t = self.cfg.test
-        samples = self.model.sample(context, 1, t.sampling if self.cfg.stage == "idgen" else t.exp_sampling,
-                                    t.steps if self.cfg.stage == "idgen" else t.exp_steps, t.eta, generator)[:, 0]
-        truth = self.meshes_mm(x0, shape)
-        err = (self.meshes_mm(samples, shape) - truth).norm(dim=-1).mean()
-        base = (self.meshes_mm(torch.zeros_like(x0), shape) - truth).norm(dim=-1).mean()
-        return {"val/vertex_error_mm": err.item(), "val/baseline_error_mm": base.item()}
+        truth, sample, base = self._truth_and_sample(batch, generator)
+        return {
+            "val/vertex_error_mm": (sample - truth).norm(dim=-1).mean().item(),
+            "val/baseline_error_mm": (base - truth).norm(dim=-1).mean().item(),
+        }
+
+    @torch.no_grad()
+    def picture(self, batch: Batch, generator: torch.Generator, count: int = 4) -> np.ndarray:
+        """Rows of [truth | sample] frontal renderings for the first images, (H, W, 3) BGR."""
+        truth, sample, _ = self._truth_and_sample(batch, generator)
+        faces = self.flame.faces.cpu().numpy()
+        tiles = []
+        for i in range(min(count, len(truth))):
+            tiles += [frontal_view(truth[i].cpu().numpy(), faces), frontal_view(sample[i].cpu().numpy(), faces)]
+        return image_grid(tiles, ncols=2, labels=["truth", "sample"] * (len(tiles) // 2))
 
 
 class IdRankTask(nn.Module):

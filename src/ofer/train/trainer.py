@@ -135,6 +135,7 @@ class Trainer:
         self.step = 0
         self.best = math.inf
         self.seconds = 0.0  # training wall time before this process, kept across resumes
+        self.last_picture: np.ndarray | None = None  # rendered validation samples, for tensorboard
         self._started = time.perf_counter()
         if resume:
             self._resume()
@@ -216,6 +217,8 @@ class Trainer:
         for batch in loader:
             for k, v in self.task.validate(to_device(batch, self.place.device), generator).items():
                 sums[k] = sums.get(k, 0.0) + v / len(loader)
+        if hasattr(self.task, "picture") and self.place.is_main:
+            self.last_picture = self.task.picture(to_device(next(iter(loader)), self.place.device), generator)
         self.task.train()
         return sums
 
@@ -276,6 +279,8 @@ class Trainer:
         if writer:
             for k, v in metrics.items():
                 writer.add_scalar(k, v, self.step)
+            if self.last_picture is not None:  # BGR -> RGB for tensorboard
+                writer.add_image("val/truth_vs_sample", self.last_picture[..., ::-1].copy(), self.step, dataformats="HWC")
         if metrics:
             log.info("step %d: %s", self.step, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         if value < self.best:
