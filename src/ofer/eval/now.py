@@ -33,7 +33,7 @@ NoW layout — list lines `<subject>/<challenge>/<image>.jpg`
   where <gt> is the NoW `final_release_version` folder. Results are also pooled per challenge.
 
 Flat layout — list lines `<name>` without a slash:
-  prediction  <pred>/<name>.ply|.obj
+  prediction  <pred>/<name>.ply|.obj, or test.py's <pred>/shapesample/<name>_0.ply
               <pred>/<name>_kpt7.npy | <pred>/<name>/kpt7.npy | <pred>/<name>.npy|.txt
   scan        <gt>/<name>.obj|.ply  with  <gt>/<name>.pp | <gt>/<name>_lmk7.npy
 
@@ -115,7 +115,8 @@ def resolve_item(line: str, pred_dir: Path, gt_dir: Path) -> NowItem:
         return NowItem(
             name=name,
             group="",
-            pred_mesh=_first_existing([pred_dir / f"{name}{s}" for s in MESH_SUFFIXES]),
+            pred_mesh=_first_existing([pred_dir / f"{name}{s}" for s in MESH_SUFFIXES]
+                                      + [pred_dir / "shapesample" / f"{name}_0.ply"]),  # test.py's output
             pred_landmarks=_first_existing([
                 pred_dir / f"{name}_kpt7.npy", pred_dir / name / "kpt7.npy",
                 pred_dir / f"{name}.npy", pred_dir / f"{name}.txt",
