@@ -57,3 +57,4 @@ def test_every_shipped_config_loads():
     assert len(files) >= 10
     for path in files:
         load_config(path)
+

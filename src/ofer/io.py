@@ -16,6 +16,10 @@ import cv2
 import numpy as np
 
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read the process umask (there is no getter)
+
+
 class InputError(ValueError):
     """A user-provided file is missing, unreadable or has the wrong content."""
 
@@ -32,6 +36,7 @@ def atomic_write(path: str | os.PathLike, suffix: str | None = None) -> Iterator
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=suffix or path.suffix)
     os.close(fd)
     tmp_path = Path(tmp)
+    os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
     try:
         yield tmp_path
         os.replace(tmp_path, path)
