@@ -30,6 +30,7 @@ from ofer.checkpoints import read_checkpoint
 from ofer.config import load_config
 from ofer.data.datasets import ExpressionDataset
 from ofer.eval.metrics import diversity, vertex_errors
+from ofer.flame import FLAME
 from ofer.inference.pipeline import OferPipeline
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,15 +54,16 @@ def held_out_frames(count: int) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def evaluate(pipe: OferPipeline, frames: dict[str, torch.Tensor], seed: int) -> dict[str, float]:
-    flame = pipe.flame
+def evaluate(pipe: OferPipeline, truth_flame: FLAME, frames: dict[str, torch.Tensor], seed: int) -> dict[str, float]:
+    """Mean metrics over the frames; `truth_flame` takes the full ground-truth shape vector."""
+    flame = truth_flame
     recs = pipe(frames["image"][:, 0], frames["arcface"][:, 0], torch.Generator().manual_seed(seed))
     rows = []
     for i, rec in enumerate(recs):
         shape = frames["shape"][i : i + 1]
         neutral_gt = flame(shape)[0].numpy() * 1000.0
         expr_gt = flame(shape, expression=frames["expression"][i : i + 1], jaw=frames["jaw"][i : i + 1])[0].numpy() * 1000.0
-        samples = flame(torch.from_numpy(rec.shapes)).numpy() * 1000.0  # (N, V, 3)
+        samples = pipe.flame(torch.from_numpy(rec.shapes)).numpy() * 1000.0  # (N, V, 3)
         shape_err = vertex_errors(samples, neutral_gt).mean(1)  # (N,)
         mean_face = flame(torch.zeros_like(shape))[0].numpy() * 1000.0
         m = len(rec.expressions)
@@ -93,6 +95,7 @@ def main() -> None:
     pipe = OferPipeline.from_checkpoints(cfg, CKPT / "idrank" / "last.tar", CKPT / "idgen" / "last.tar",
                                          CKPT / "expgen" / "last.tar", torch.device("cpu"))
     frames = held_out_frames(args.images)
+    truth_flame = FLAME(cfg.model.flame_model_path, n_shape=frames["shape"].shape[1], n_exp=50)
     print(f"\n{len(frames['image'])} held-out frames, N={args.num_shapes} shapes, M={args.num_expressions} expressions, "
           "errors and diversity in mm\n")
     header = None
@@ -100,7 +103,7 @@ def main() -> None:
         sampler, steps = SETTINGS[label]
         pipe.test.sampling, pipe.test.steps, pipe.test.exp_sampling, pipe.test.exp_steps = sampler, steps, sampler, steps
         start = time.perf_counter()
-        result = evaluate(pipe, frames, args.seed)
+        result = evaluate(pipe, truth_flame, frames, args.seed)
         seconds = time.perf_counter() - start
         if header is None:
             header = list(result)
