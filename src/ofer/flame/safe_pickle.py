@@ -314,16 +314,13 @@ LANDMARK_SHAPES = {
 def load_landmark_embedding(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Read FLAME's ``landmark_embedding.npy`` (an .npy holding a pickled dict) as numpy arrays.
 
-    ``np.load`` would need ``allow_pickle=True``; instead the .npy header is parsed here and
-    the pickle payload goes through the restricted unpickler. Returns the keys of
+    Read through `load_npy_object` (restricted unpickler). Returns the keys of
     ``LANDMARK_SHAPES`` with those shapes (face indices int64, barycentrics float64).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"landmark embedding not found at {path}: it ships with FLAME; {FLAME_DOWNLOAD_HINT}")
     raw = load_npy_object(path)
-    if isinstance(raw, np.ndarray):
-        raise ValueError(f"{path}: expected an .npy holding one pickled dict, got a {raw.dtype} array {raw.shape}")
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a pickled dict of landmark arrays, got {type(raw).__name__}")
     embedding = {}
