@@ -5,8 +5,8 @@ training) and compares with their ground truth, for each sampler setting (the sa
 for IdGen and ExpGen). All errors are mean per-vertex distances in mm:
 
 - shape: IdRank's pick, a random IdGen sample (mean over the N), the best sample
-  (oracle), and the model's mean face as the baseline; shape diversity is the per-vertex
-  spread of the N samples;
+  (oracle), the average of the N sample meshes (the paper's "average of samples"), and the
+  model's mean face as the baseline; shape diversity is the per-vertex spread of the N samples;
 - expression: ExpGen's samples applied to the TRUE identity (so only expression and jaw
   are measured): the first sample, the best (oracle), and the neutral face as the baseline;
   expression diversity is the spread of the M samples.
@@ -72,8 +72,10 @@ def evaluate(pipe: OferPipeline, truth_flame: FLAME, frames: dict[str, torch.Ten
         exp_err = vertex_errors(exp_meshes, expr_gt).mean(1)  # (M,)
         rows.append({
             "shape_ranked": shape_err[rec.best], "shape_random": shape_err.mean(), "shape_oracle": shape_err.min(),
+            "shape_average": vertex_errors(samples.mean(0), neutral_gt).mean(),
             "shape_mean_face": vertex_errors(mean_face, neutral_gt).mean(), "shape_diversity": diversity(samples).mean(),
             "exp_first": exp_err[0], "exp_oracle": exp_err.min(),
+            "exp_average": vertex_errors(exp_meshes.mean(0), expr_gt).mean(),
             "exp_neutral": vertex_errors(neutral_gt, expr_gt).mean(), "exp_diversity": diversity(exp_meshes).mean(),
         })
     return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
