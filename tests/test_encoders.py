@@ -334,3 +334,14 @@ def test_factory_builds_tiny_and_full_encoders(caplog):
         build_arcface(tiny=True, weights="pretrained/arcface/backbone.pth")
     with pytest.raises(FileNotFoundError, match="insightface"):
         build_arcface(tiny=False, weights="does/not/exist.pth")
+
+
+def test_farl_bare_image_tower_state_dict_loads(farl):
+    """An original checkpoint's `farl` entry may hold the image tower alone (no `visual.` prefix)."""
+    bare = {k[len("visual."):]: v.clone() + 1.0 for k, v in farl.state_dict().items()}
+    original = {k: v.clone() for k, v in farl.state_dict().items()}
+    try:
+        load_farl_state_dict(farl, bare, "model_expgen.tar['farl']")
+        assert torch.equal(farl.visual.conv1.weight, bare["conv1.weight"])
+    finally:
+        farl.load_state_dict(original)

@@ -49,11 +49,14 @@ class FarlEncoder(nn.Module):
 def load_farl_state_dict(module: FarlEncoder, state_dict: dict[str, torch.Tensor], source: str) -> None:
     """Load the image tower of an OpenAI-format CLIP state dict into `module` in place.
 
-    Keys outside `visual.` (the text tower, `logit_scale`, ...) are ignored; unexpected
+    Keys outside `visual.` (the text tower, `logit_scale`, ...) are ignored; a bare image-tower
+    state dict (keys like `conv1.weight`) is accepted too; unexpected
     `visual.` keys are logged as a warning. Missing image-tower keys or shape mismatches raise a
     ValueError naming `source` (the file the dict came from).
     """
     visual = {k: v for k, v in state_dict.items() if k.startswith(VISUAL_PREFIX)}
+    if not visual and "conv1.weight" in state_dict:  # a bare image tower (no `visual.` prefix)
+        visual = {VISUAL_PREFIX + k: v for k, v in state_dict.items()}
     diff = compare_state_dicts(module.state_dict(), visual)
     if diff.missing or diff.mismatched:
         raise ValueError(
