@@ -6,14 +6,13 @@ import shutil
 import numpy as np
 import pytest
 
+from conftest import REPO, demo_config
 from ofer.checkpoints import save_checkpoint
 from ofer.config import config_to_dict
 from ofer.flame import FLAME
 from ofer.inference.cli import main as run_test
 from ofer.io import load_array, read_image, read_mesh
 from ofer.models.stages import DiffusionStage, IdRank
-
-from conftest import REPO, demo_config
 
 NOW7 = [36, 39, 42, 45, 33, 48, 54]
 

@@ -3,10 +3,9 @@
 import pytest
 import torch
 
+from conftest import demo_config
 from ofer.checkpoints import read_checkpoint
 from ofer.train.trainer import StepBatchSampler, Trainer
-
-from conftest import demo_config
 
 FAST = ["train.val_steps=3", "train.checkpoint_steps=3", "train.val_batches=1", "train.log_steps=1",
         "test.steps=2", "test.exp_steps=2"]

@@ -15,7 +15,6 @@ from typing import Iterator
 import cv2
 import numpy as np
 
-
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)  # read the process umask (there is no getter)
 

@@ -36,11 +36,11 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ofer.encoders.normalise import ARCFACE_SIZE, FARL_SIZE, arcface_normalise
 from ofer.io import InputError, atomic_write, read_image, save_npy, write_image
+from ofer.progress import progress
 
 logger = logging.getLogger(__name__)
 
@@ -579,7 +579,7 @@ def run(
         raise InputError(f"{input_path}: no images found (suffixes {', '.join(IMAGE_SUFFIXES)})")
     processed, failed, used_names = [], [], {}
     with logging_redirect_tqdm():
-        for image_path, relative in tqdm(images, desc="preprocess", unit="image"):
+        for image_path, relative in progress(images, desc="preprocess", unit="image"):
             name = Path(relative).stem
             try:
                 if name in used_names:

@@ -34,13 +34,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from scipy.spatial.transform import Rotation
-from tqdm import tqdm
 
 from ofer.data.occlusion import OcclusionAugment
 from ofer.flame import FLAME
 from ofer.flame.synthetic import write_synthetic_flame
 from ofer.io import save_npy, save_npz, write_image, write_ply
 from ofer.preprocess import arcface_matrix_224_to_112, prepare_face, transform_points
+from ofer.progress import progress
 from ofer.render import flame_to_camera, perspective_project, render_mesh
 
 log = logging.getLogger(__name__)
@@ -199,7 +199,7 @@ def _write_actors(out: Path, name: str, count: int, maker: SampleMaker, s: Synth
                   rng: np.random.Generator) -> None:
     """Identity + expression training data for `count` actors of data set `name`."""
     identity_list, expression_list = {}, {}
-    for a in tqdm(range(count), desc=name, unit="actor"):
+    for a in progress(range(count), desc=name, unit="actor"):
         actor = f"{name.lower()}_{a:04d}"
         shape, albedo = maker.identity(rng)
         params_dir = out / name / "FLAME_parameters" / actor

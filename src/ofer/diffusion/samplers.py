@@ -22,9 +22,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from tqdm import tqdm
 
 from ofer.diffusion.schedule import NoiseSchedule
+from ofer.progress import progress as progress_bar
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 SAMPLERS = ("ddpm", "ddim", "ddim_legacy")
@@ -146,7 +146,7 @@ def sample(
     x = torch.randn(shape, generator=generator, device=device)  # x_T
     batch = x.shape[0]
     visits = _visits(sampler, schedule.num_steps, steps)
-    for t, target in tqdm(visits, desc=sampler, disable=not progress):
+    for t, target in progress_bar(visits, desc=sampler, disable=not progress):
         eps = eps_fn(x, torch.full((batch,), t, dtype=torch.long, device=device))
         if eps.shape != x.shape:
             raise ValueError(

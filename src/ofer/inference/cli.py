@@ -18,12 +18,12 @@ import zlib
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from ofer.config import load_config
 from ofer.inference.export import done_marker, write_outputs
 from ofer.inference.pipeline import OferPipeline, load_inputs
 from ofer.io import InputError, atomic_write
+from ofer.progress import progress
 
 log = logging.getLogger("ofer.test")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     faces = pipeline.flame.faces.cpu().numpy()
     done, failed = [], {}
     start = time.perf_counter()
-    bar = tqdm(total=len(todo), desc="images", unit="img")
+    bar = progress(total=len(todo), desc="images", unit="img")
     for i in range(0, len(todo), args.batch):
         batch = []
         for name, path in todo[i : i + args.batch]:

@@ -24,11 +24,11 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.tensorboard import SummaryWriter
-from tqdm import tqdm
 
 from ofer.checkpoints import MODULE_KEYS, load_state, read_checkpoint, save_checkpoint
 from ofer.config import Config, config_to_dict
 from ofer.data.datasets import ExpressionDataset, IdentityDataset
+from ofer.progress import progress
 from ofer.train.tasks import build_task, param_groups
 
 log = logging.getLogger(__name__)
@@ -234,7 +234,7 @@ class Trainer:
         writer = SummaryWriter(str(self.out / "tb")) if place.is_main else None
         loader = self._loader(self.train_set, self.step, cfg.train.max_steps, cfg.train.seed, place.rank)
         self.task.train()
-        bar = tqdm(total=cfg.train.max_steps, initial=self.step, disable=not place.is_main, desc=cfg.stage)
+        bar = progress(total=cfg.train.max_steps, initial=self.step, disable=not place.is_main, desc=cfg.stage)
         recent: list[float] = []
         last = self.out / "last.tar"
         self._started = time.perf_counter()
