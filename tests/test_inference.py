@@ -103,3 +103,12 @@ def test_bad_inputs_are_reported_and_skipped(synthetic_root, checkpoints, tmp_pa
     assert (out / "shapesample" / f"{good}_0.ply").stat().st_mtime_ns == stamp
     run(synthetic_root, checkpoints, images / "list.txt", images, out, "--overwrite")
     assert json.loads((out / "summary.json").read_text())["reconstructed"] == [good]
+
+
+def test_missing_assets_give_a_clear_error_and_exit_code(synthetic_root, checkpoints, tmp_path, caplog):
+    assert run(synthetic_root, checkpoints, tmp_path / "no_list.txt", tmp_path, tmp_path / "out") == 2
+    assert "no_list.txt: image list not found" in caplog.text
+    (tmp_path / "list.txt").write_text("a\n")
+    missing = dict(checkpoints, idgen=tmp_path / "model_idgen_flame20.tar")
+    assert run(synthetic_root, missing, tmp_path / "list.txt", tmp_path, tmp_path / "out") == 2
+    assert "model_idgen_flame20.tar: checkpoint not found" in caplog.text

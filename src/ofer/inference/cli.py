@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ofer.config import load_config
+from ofer.config import ConfigError, load_config
 from ofer.inference.export import done_marker, write_outputs
 from ofer.inference.pipeline import OferPipeline, load_inputs
 from ofer.io import InputError, atomic_write
@@ -73,8 +73,17 @@ def read_list(list_file: Path, image_root: Path) -> list[tuple[str, Path]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run test.py; returns 0 when something was reconstructed (or nothing was left to do)."""
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return run(args)
+    except (ConfigError, InputError, FileNotFoundError) as err:  # bad config, list or assets: say which
+        log.error("%s", err)
+        return 2
+
+
+def run(args: argparse.Namespace) -> int:
     overrides = list(args.opt)
     for flag, key in (("num_shapes", "numsamples"), ("num_expressions", "num_expressions"), ("sampler", "sampling"),
                       ("steps", "steps"), ("exp_sampler", "exp_sampling"), ("exp_steps", "exp_steps"), ("seed", "seed")):

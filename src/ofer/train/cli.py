@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
-from ofer.config import load_config
+from ofer.config import ConfigError, load_config
+from ofer.io import InputError
 from ofer.train.trainer import Trainer
 
 
@@ -19,8 +21,13 @@ def main(stage: str, argv: list[str] | None = None) -> None:
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = load_config(args.cfg, args.opt)
-    if cfg.stage != stage:
-        parser.error(f"{args.cfg} is a '{cfg.stage}' config, but this script trains '{stage}'")
-    path = Trainer(cfg, resume=args.resume).fit()
-    logging.getLogger("ofer.train").info("finished; last checkpoint: %s", path)
+    log = logging.getLogger("ofer.train")
+    try:
+        cfg = load_config(args.cfg, args.opt)
+        if cfg.stage != stage:
+            parser.error(f"{args.cfg} is a '{cfg.stage}' config, but this script trains '{stage}'")
+        path = Trainer(cfg, resume=args.resume).fit()
+    except (ConfigError, InputError, FileNotFoundError) as err:  # bad config, data or assets: say which
+        log.error("%s", err)
+        sys.exit(2)
+    log.info("finished; last checkpoint: %s", path)
