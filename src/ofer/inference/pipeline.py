@@ -18,7 +18,7 @@ from ofer.config import Config, TestConfig
 from ofer.encoders.normalise import clip_normalise_bgr, crop_to_clip_input
 from ofer.flame import FLAME
 from ofer.io import load_array, read_image
-from ofer.models.idrank import rank_features
+from ofer.models.idrank import load_front_indices, rank_features
 from ofer.models.stages import DiffusionStage, IdRank
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ class OferPipeline:
             ckpt = read_checkpoint(path)
             stage_cfg = checkpoint_config(ckpt, fallback)
             stages[name] = (stage_cfg, ckpt, path)
-        front_idx = torch.from_numpy(load_array(cfg.model.front_indices_path, (None,)).astype(np.int64))
+        front_idx = load_front_indices(cfg.model.front_indices_path)
         idgen = DiffusionStage(stages["idgen"][0], load_weights=False)
         expgen = DiffusionStage(stages["expgen"][0], load_weights=False)
         idrank = IdRank(stages["idrank"][0], shape_dim=3 * len(front_idx), load_weights=False)
@@ -94,8 +94,8 @@ class OferPipeline:
         b = image.shape[0]
 
         # IdGen: N shape samples per image, as neutral FLAME meshes in mm.
-        shapes = self.idgen.sample(self.idgen.encode(image, arcface), t.numsamples, t.sampling, t.steps,
-                                   t.eta if t.sampling == "ddim" else 0.0, generator)
+        shapes = self.idgen.sample(self.idgen.encode(image, arcface), t.numsamples, t.sampling, t.steps, t.eta,
+                                   generator)
         n = shapes.shape[1]
         meshes = self.flame(shapes.flatten(0, 1)).view(b, n, -1, 3) * 1000.0  # (B, N, V, 3)
 
@@ -106,8 +106,8 @@ class OferPipeline:
 
         # ExpGen: M expression + jaw samples per image, applied to the chosen identity.
         m = t.num_expressions
-        exp = self.expgen.sample(self.expgen.encode(image, arcface), m, t.exp_sampling, t.exp_steps,
-                                 t.eta if t.exp_sampling == "ddim" else 0.0, generator)
+        exp = self.expgen.sample(self.expgen.encode(image, arcface), m, t.exp_sampling, t.exp_steps, t.eta,
+                                 generator)
         expressions, jaws = exp[..., : self.n_exp], exp[..., self.n_exp :]  # (B, M, 50), (B, M, 3)
         expression_mm = self.flame(
             best_shape.repeat_interleave(m, dim=0),

@@ -8,12 +8,16 @@ the scores to the softmax of the negative per-sample errors (ListNet, `listnet_l
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from itertools import pairwise
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ofer.io import load_array
 
 IDRANK_HIDDEN_DIMS = (4096, 1024, 256, 64)
 
@@ -79,6 +83,11 @@ class IdRankNet(nn.Module):
         for layer in self.ranklayers:
             h = layer(h, context)
         return h.squeeze(-1)  # (B, N, 1) -> (B, N)
+
+
+def load_front_indices(path: str | os.PathLike) -> torch.Tensor:
+    """The front-face vertex indices IdRank uses (1785 for FLAME, `frontindices.npy`) as (K,) long."""
+    return torch.from_numpy(load_array(path, (None,)).astype(np.int64))
 
 
 def rank_features(meshes_mm: torch.Tensor, front_idx: torch.Tensor) -> torch.Tensor:

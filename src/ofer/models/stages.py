@@ -87,7 +87,10 @@ class DiffusionStage(ImageContext):
         generator: torch.Generator | None = None,
         progress: bool = False,
     ) -> torch.Tensor:
-        """Draw `num_samples` coefficient vectors per context: (B, C) -> (B, N, D), in one batch."""
+        """Draw `num_samples` coefficient vectors per context: (B, C) -> (B, N, D), in one batch.
+
+        `eta` (stochasticity) applies to `ddim` only; the other samplers ignore it.
+        """
         b = context.shape[0]
         ctx = context.repeat_interleave(num_samples, dim=0)  # (B*N, C), samples of one image adjacent
         x = sample(
@@ -96,7 +99,7 @@ class DiffusionStage(ImageContext):
             (b * num_samples, self.flame_dim),
             sampler=sampler,
             steps=steps,
-            eta=eta,
+            eta=eta if sampler == "ddim" else 0.0,
             generator=generator,
             device=context.device,
             progress=progress,

@@ -18,8 +18,7 @@ from torch import nn
 from ofer.checkpoints import checkpoint_config, load_state, read_checkpoint
 from ofer.config import Config
 from ofer.flame import FLAME
-from ofer.io import load_array
-from ofer.models.idrank import front_vertex_errors, listnet_loss, rank_features
+from ofer.models.idrank import front_vertex_errors, listnet_loss, load_front_indices, rank_features
 from ofer.models.stages import DiffusionStage, IdRank
 from ofer.render import frontal_view, image_grid
 
@@ -36,11 +35,6 @@ def flatten_images(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
 def build_flame(cfg: Config, n_shape: int | None = None) -> FLAME:
     """The FLAME layer named by the config (landmarks are not needed for training)."""
     return FLAME(cfg.model.flame_model_path, n_shape=n_shape or cfg.model.n_shape, n_exp=cfg.model.n_exp)
-
-
-def load_front_indices(cfg: Config) -> torch.Tensor:
-    """The front-face vertex indices used by IdRank (1785 for FLAME), as a long tensor."""
-    return torch.from_numpy(load_array(cfg.model.front_indices_path, (None,)).astype("int64"))
 
 
 def param_groups(module: nn.Module, cfg: Config) -> list[dict]:
@@ -92,7 +86,7 @@ class DiffusionTask(nn.Module):
         t = self.cfg.test
         idgen = self.cfg.stage == "idgen"
         sampler, steps = (t.sampling, t.steps) if idgen else (t.exp_sampling, t.exp_steps)
-        samples = self.model.sample(context, 1, sampler, steps, t.eta if sampler == "ddim" else 0.0, generator)[:, 0]
+        samples = self.model.sample(context, 1, sampler, steps, t.eta, generator)[:, 0]
         return self.meshes_mm(x0, shape), self.meshes_mm(samples, shape), self.meshes_mm(torch.zeros_like(x0), shape)
 
     @torch.no_grad()
@@ -126,7 +120,7 @@ class IdRankTask(nn.Module):
         self.cfg = cfg
         self.idgen = self._frozen_idgen(cfg)
         self.flame = build_flame(cfg, n_shape=self.idgen.flame_dim)  # the shapes IdGen samples
-        self.register_buffer("front_idx", load_front_indices(cfg), persistent=False)
+        self.register_buffer("front_idx", load_front_indices(cfg.model.front_indices_path), persistent=False)
         self.model = IdRank(cfg, shape_dim=3 * len(self.front_idx))
 
     @staticmethod
@@ -139,20 +133,22 @@ class IdRankTask(nn.Module):
         idgen.requires_grad_(False).eval()
         return idgen
 
-    def sample_meshes(self, image: torch.Tensor, arcface: torch.Tensor) -> torch.Tensor:
+    def sample_meshes(self, image: torch.Tensor, arcface: torch.Tensor,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
         """N IdGen shape samples per image as neutral FLAME meshes in mm: (B, N, V, 3)."""
         r = self.cfg.idrank
         with torch.no_grad():
             context = self.idgen.encode(image, arcface)
-            shapes = self.idgen.sample(context, r.numsamples, r.sampling, r.steps)  # (B, N, 300)
+            shapes = self.idgen.sample(context, r.numsamples, r.sampling, r.steps, generator=generator)  # (B, N, D)
             b, n, _ = shapes.shape
             verts = self.flame(shapes.flatten(0, 1)) * 1000.0  # (B*N, V, 3)
         return verts.view(b, n, -1, 3)
 
-    def _scores_and_errors(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def _scores_and_errors(self, batch: Batch, generator: torch.Generator | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
         image, arcface = flatten_images(batch)
         k = batch["image"].shape[1]
-        meshes = self.sample_meshes(image, arcface)  # (B*K, N, V, 3)
+        meshes = self.sample_meshes(image, arcface, generator)  # (B*K, N, V, 3)
         shape = batch["shape"][:, : self.idgen.flame_dim].repeat_interleave(k, dim=0)
         with torch.no_grad():
             truth = self.flame(shape) * 1000.0  # (B*K, V, 3)
@@ -168,7 +164,7 @@ class IdRankTask(nn.Module):
     @torch.no_grad()
     def validate(self, batch: Batch, generator: torch.Generator) -> dict[str, float]:
         """Error of the ranked pick vs a random sample vs the oracle best sample (mm)."""
-        scores, errors = self._scores_and_errors(batch)
+        scores, errors = self._scores_and_errors(batch, generator)
         pick = errors.gather(1, scores.argmax(dim=1, keepdim=True)).mean()
         return {
             "val/ranked_error_mm": pick.item(),
