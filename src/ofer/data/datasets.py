@@ -148,8 +148,8 @@ def _load_npz(path: Path) -> dict[str, np.ndarray]:
 class _FaceDataset(Dataset):
     """Shared machinery: path resolution, (224 crop, ArcFace input) loading, occlusion, bad files.
 
-    A subclass lists its items in `self.records` and implements `__len__` and
-    `_load_item(index, rng) -> dict | None` (None: nothing usable, in skip mode).
+    A subclass fills `self.records` (items with `dataset` and `actor`) with `_read_records`
+    and implements `_load_item(index, rng) -> dict | None` (None: nothing usable, in skip mode).
     """
 
     def __init__(self, cfg: DatasetConfig, names: list[str], split: str, seed: int) -> None:
@@ -214,6 +214,21 @@ class _FaceDataset(Dataset):
             self.bad_samples += 1
             logger.warning("skipping bad sample: %s", err)
 
+    def _read_records(self, names: list[str], read: Callable[[str], list], what: str) -> list:
+        """Concatenate the records of every dataset (mixing in proportion to their sizes)."""
+        records = [record for name in names for record in read(name)]
+        if not records:
+            raise InputError(f"no {what} listed in {[str(self._list_path(n)) for n in names]}")
+        return records
+
+    @property
+    def actors(self) -> list[tuple[str, str]]:
+        """(dataset, actor) of every index (an expression actor appears once per frame)."""
+        return [(r.dataset, r.actor) for r in self.records]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
     def _load_item(self, index: int, rng: np.random.Generator) -> dict | None:
         raise NotImplementedError
 
@@ -270,16 +285,7 @@ class IdentityDataset(_FaceDataset):
         if cfg.n_images < 1:
             raise ValueError(f"n_images must be >= 1, got {cfg.n_images}")
         self.n_shape = n_shape
-        self.records: list[ActorRecord] = []
-        for name in names:
-            self.records.extend(self._read_actors(name))
-        if not self.records:
-            raise InputError(f"no actors listed in {[str(self._list_path(n)) for n in names]}")
-
-    @property
-    def actors(self) -> list[tuple[str, str]]:
-        """(dataset, actor) of every index."""
-        return [(r.dataset, r.actor) for r in self.records]
+        self.records: list[ActorRecord] = self._read_records(names, self._read_actors, "actors")
 
     def _read_actors(self, name: str) -> list[ActorRecord]:
         path = self._list_path(name)
@@ -299,9 +305,6 @@ class IdentityDataset(_FaceDataset):
                 continue
             records.append(ActorRecord(name, str(actor), tuple(images), fit))
         return records
-
-    def __len__(self) -> int:
-        return len(self.records)
 
     def _load_item(self, index: int, rng: np.random.Generator) -> dict | None:
         record = self.records[index]
@@ -409,16 +412,7 @@ class ExpressionDataset(_FaceDataset):
         super().__init__(cfg, names, split, seed)
         self.n_exp = n_exp
         self.n_shape = n_shape
-        self.records: list[FrameRecord] = []
-        for name in names:
-            self.records.extend(self._read_frames(name))
-        if not self.records:
-            raise InputError(f"no frames listed in {[str(self._list_path(n)) for n in names]}")
-
-    @property
-    def actors(self) -> list[tuple[str, str]]:
-        """(dataset, actor) of every index (an actor appears once per frame)."""
-        return [(r.dataset, r.actor) for r in self.records]
+        self.records: list[FrameRecord] = self._read_records(names, self._read_frames, "frames")
 
     def _read_frames(self, name: str) -> list[FrameRecord]:
         path = self._list_path(name)
@@ -431,9 +425,6 @@ class ExpressionDataset(_FaceDataset):
                 raise InputError(f"{path}: entry for actor {actor!r} does not match {_EXPRESSION_LAYOUT}")
             records.extend(FrameRecord(name, str(actor), image, params) for image, params in pairs)
         return records
-
-    def __len__(self) -> int:
-        return len(self.records)
 
     def _load_item(self, index: int, rng: np.random.Generator) -> dict | None:
         record = self.records[index]
