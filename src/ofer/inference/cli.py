@@ -94,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.outputpath)
     entries = read_list(Path(args.filename), Path(args.imagepath))
     finished = [] if args.overwrite else [n for n, _ in entries if done_marker(out, n).is_file()]
-    todo = [(n, p) for n, p in entries if n not in finished]
+    skip = set(finished)
+    todo = [(n, p) for n, p in entries if n not in skip]
     log.info("%d images listed, %d already done, %d to reconstruct on %s", len(entries), len(finished), len(todo), device)
 
     pipeline = OferPipeline.from_checkpoints(cfg, args.checkpoint1, args.checkpoint2, args.checkpoint3, device)
@@ -118,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
         generator = torch.Generator(device).manual_seed(seed)
         image = torch.stack([b[1] for b in batch])
         arcface = torch.stack([b[2] for b in batch])
-        for (name, _, arc, _), rec in zip(batch, pipeline(image, arcface, generator)):
+        for (name, _, arc), rec in zip(batch, pipeline(image, arcface, generator)):
             try:
                 done.append(write_outputs(out, name, rec, faces, arc.numpy(), cfg.test.num_saved_expressions,
                                           args.numcheckpoint))

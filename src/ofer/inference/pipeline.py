@@ -39,15 +39,15 @@ class Reconstruction:
     kpt7_mm: np.ndarray  # (7, 3) NoW landmarks of the neutral mesh
 
 
-def load_inputs(image_path: Path) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+def load_inputs(image_path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """Read one preprocessed face: the 224 crop (.jpg) and its ArcFace array (.npy beside it).
 
-    Returns the CLIP-normalised crop (3, 224, 224), the ArcFace input (3, 112, 112) and the
-    crop as BGR uint8 for pictures. Errors name the file.
+    Returns the CLIP-normalised crop (3, 224, 224) and the ArcFace input (3, 112, 112).
+    Errors name the file.
     """
     crop = read_image(image_path)
     arcface = load_array(image_path.with_suffix(".npy"), (3, 112, 112)).astype(np.float32)
-    return torch.from_numpy(clip_normalise_bgr(crop_to_clip_input(crop))), torch.from_numpy(arcface), crop
+    return torch.from_numpy(clip_normalise_bgr(crop_to_clip_input(crop))), torch.from_numpy(arcface)
 
 
 class OferPipeline:
