@@ -57,6 +57,15 @@ ARCFACE_TEMPLATE = np.array(
     dtype=np.float32,
 )
 
+def five_keypoints(landmarks68: np.ndarray) -> np.ndarray:
+    """The 5 ArcFace keypoints from iBUG-68 landmarks (2D or 3D): (68, d) -> (5, d).
+
+    In template order: image-left eye centre, image-right eye centre, nose tip, mouth corners.
+    """
+    return np.stack([landmarks68[36:42].mean(0), landmarks68[42:48].mean(0), landmarks68[30], landmarks68[48],
+                     landmarks68[54]])
+
+
 # Side of the FaRL crop square relative to the mean side of the face box.
 FARL_BOX_SCALE = 1.6
 

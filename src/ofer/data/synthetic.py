@@ -37,9 +37,10 @@ from scipy.spatial.transform import Rotation
 
 from ofer.data.occlusion import OcclusionAugment
 from ofer.flame import FLAME
+from ofer.flame.flame import NOW_LANDMARKS
 from ofer.flame.synthetic import write_synthetic_flame
 from ofer.io import save_npy, save_npz, write_image, write_ply
-from ofer.preprocess import arcface_matrix_224_to_112, prepare_face, transform_points
+from ofer.preprocess import arcface_matrix_224_to_112, five_keypoints, prepare_face, transform_points
 from ofer.progress import progress
 from ofer.render import flame_to_camera, perspective_project, render_mesh
 
@@ -49,7 +50,6 @@ IMAGE_SIZE = 320  # large enough that the 1.6x FaRL box stays inside the photo
 FOCAL = 700.0  # pixels; with DISTANCE the head spans about 80% of the image height
 DISTANCE = 0.55  # metres from the camera
 N_SHAPE, N_EXP = 300, 100  # coefficients stored per fit (MICA `betas` = 300 shape + 100 expression)
-NOW_LANDMARKS = [36, 39, 42, 45, 33, 48, 54]
 
 
 @dataclass
@@ -118,11 +118,6 @@ def random_background(rng: np.random.Generator) -> np.ndarray:
         ramp = ramp.transpose(1, 0, 2)
     image = c0 * (1 - ramp) + c1 * ramp + rng.normal(0, 6, (IMAGE_SIZE, IMAGE_SIZE, 3))
     return np.clip(image, 0, 255).astype(np.uint8)
-
-
-def five_keypoints(lmk68: np.ndarray) -> np.ndarray:
-    """The 5 ArcFace keypoints (image-left eye, image-right eye, nose tip, mouth corners) (5, 2)."""
-    return np.stack([lmk68[36:42].mean(0), lmk68[42:48].mean(0), lmk68[30], lmk68[48], lmk68[54]])
 
 
 def landmark_box(lmk68: np.ndarray) -> np.ndarray:

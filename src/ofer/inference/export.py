@@ -20,25 +20,12 @@ import numpy as np
 
 from ofer.inference.pipeline import Reconstruction
 from ofer.io import atomic_write, save_npy, save_npz, write_image, write_ply
-from ofer.preprocess import ARCFACE_TEMPLATE, arcface_to_bgr
+from ofer.preprocess import ARCFACE_TEMPLATE, arcface_to_bgr, five_keypoints
 from ofer.render import affine_project, fit_affine_camera, frontal_view, image_grid, render_mesh
-
-# iBUG-68 points matching the five ArcFace template keypoints (image-left eye first).
-_EYE_IMAGE_LEFT = list(range(36, 42))
-_EYE_IMAGE_RIGHT = list(range(42, 48))
-_NOSE_TIP, _MOUTH_LEFT, _MOUTH_RIGHT = 30, 48, 54
 
 
 def done_marker(out: Path, name: str) -> Path:
     return out / name / "done.json"
-
-
-def five_points(kpt68: np.ndarray) -> np.ndarray:
-    """The 3D counterparts (5, 3) of the ArcFace template points from 68 landmarks."""
-    return np.stack([
-        kpt68[_EYE_IMAGE_LEFT].mean(0), kpt68[_EYE_IMAGE_RIGHT].mean(0),
-        kpt68[_NOSE_TIP], kpt68[_MOUTH_LEFT], kpt68[_MOUTH_RIGHT],
-    ])
 
 
 def overlay_picture(arcface: np.ndarray, rec: Reconstruction, faces: np.ndarray, scale: int = 3) -> np.ndarray:
@@ -50,7 +37,7 @@ def overlay_picture(arcface: np.ndarray, rec: Reconstruction, faces: np.ndarray,
     crop = arcface_to_bgr(arcface)
     size = crop.shape[0] * scale
     crop = np.ascontiguousarray(np.repeat(np.repeat(crop, scale, 0), scale, 1))
-    camera = fit_affine_camera(five_points(rec.kpt68_mm), ARCFACE_TEMPLATE * scale)
+    camera = fit_affine_camera(five_keypoints(rec.kpt68_mm), ARCFACE_TEMPLATE * scale)
     drawn, _ = render_mesh(affine_project(rec.neutral_mm, camera), faces, size, size, background=crop, alpha=0.6)
     return np.concatenate([crop, drawn], axis=1)
 
