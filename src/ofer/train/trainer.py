@@ -252,7 +252,7 @@ class Trainer:
             self.step += 1
             recent.append(loss.item())
             bar.update(1)
-            bar.set_postfix(loss=f"{recent[-1]:.4f}")
+            bar.set_postfix(loss=f"{recent[-1]:.4f}", refresh=False)
             if writer and self.step % cfg.train.log_steps == 0:
                 writer.add_scalar("train/loss", float(np.mean(recent[-cfg.train.log_steps :])), self.step)
                 for group in self.optimizer.param_groups:
