@@ -1,8 +1,8 @@
 """A synthetic data set any machine can make: rendered faces of the synthetic FLAME-format model.
 
 Random identities, expressions and jaw poses of the *synthetic* model (never a real face
-model) are rendered on the CPU with random head pose, lighting, skin colour and
-background, cropped exactly as real photos are (`ofer.preprocess.prepare_face` from the
+model) are rendered on the CPU with random head pose, lighting, skin colour (with painted
+eyes, brows and lips that move with the mesh) and background, cropped exactly as real photos are (`ofer.preprocess.prepare_face` from the
 projected 5 keypoints and a landmark box), optionally occluded, and written in the real
 on-disk layout so the real loaders read it (SPEC §8):
 
@@ -21,7 +21,7 @@ NAME is SYNTH (training actors) and SYNTHVAL (held-out validation actors). Groun
 for the test images: the neutral identity mesh and the expressive mesh in mm, the 7 NoW
 landmarks, and a per-vertex mask of the vertices covered by the occluder.
 
-Command: ``python -m ofer.data.synthetic --out data/synthetic [--actors 200 ...]``.
+Command: ``python -m ofer.data.synthetic --out data/synthetic [--actors 1500 ...]``.
 """
 
 from __future__ import annotations
@@ -56,13 +56,12 @@ N_SHAPE, N_EXP = 300, 100  # coefficients stored per fit (MICA `betas` = 300 sha
 class SyntheticSettings:
     """How many faces to make and how varied they are."""
 
-    actors: int = 200
-    val_actors: int = 20
-    images_per_actor: int = 4
+    actors: int = 1500  # many identities: with a few hundred the encoders memorise them
+    val_actors: int = 40
+    images_per_actor: int = 2
     test_images: int = 12
     occluded_fraction: float = 0.5  # of the test images, and of the training images
-    shape_std: float = 1.0
-    shape_decay: float = 20.0  # coefficient i has std shape_std * exp(-i / shape_decay), like a PCA basis
+    shape_std: float = 1.0  # coefficients are whitened as in FLAME; the model's bases carry the decay
     expression_std: float = 1.0
     max_jaw_open: float = 0.25  # radians
     max_yaw: float = 20.0  # degrees
@@ -120,6 +119,29 @@ def random_background(rng: np.random.Generator) -> np.ndarray:
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
+def facial_features(vertices: np.ndarray, lmk68: np.ndarray) -> np.ndarray:
+    """Where a neutral face (V, 3) has its eyes, brows and lips: weights (V, 3) in [0, 1].
+
+    The weights follow the 68 landmarks of the template, so the painted features move with
+    every identity and expression deformation and a photo shows them, as real faces do.
+    """
+
+    def near(points: np.ndarray, radius: float, closed: bool = False) -> np.ndarray:
+        ends = np.roll(points, -1, axis=0) if closed else points[1:]
+        starts = points if closed else points[:-1]
+        t = np.linspace(0, 1, 12)[:, None, None]
+        dense = (starts[None] * (1 - t) + ends[None] * t).reshape(-1, 3)  # (12·segments, 3)
+        distance = np.linalg.norm(vertices[:, None] - dense[None], axis=-1).min(1)  # (V,)
+        return 1 - np.clip((distance - radius) / radius, 0, 1)
+
+    eye_radius = 0.25 * np.linalg.norm(lmk68[39] - lmk68[36])
+    eyes = np.maximum(near(lmk68[36:42], eye_radius, True), near(lmk68[42:48], eye_radius, True))
+    brows = np.maximum(near(lmk68[17:22], 0.003), near(lmk68[22:27], 0.003))
+    lips = near(lmk68[48:60], 0.003, True)
+    weights = np.stack([eyes, brows, lips], axis=1)  # (V, 3)
+    return weights / np.maximum(weights.sum(1, keepdims=True), 1)
+
+
 def landmark_box(lmk68: np.ndarray) -> np.ndarray:
     """A detector-like face box from the projected landmarks: x1, y1, x2, y2."""
     lo, hi = lmk68.min(0), lmk68.max(0)
@@ -136,13 +158,20 @@ class SampleMaker:
         self.renderer = FaceRenderer(flame)
         self.s = settings
         self.occluder = OcclusionAugment(prob=1.0, min_area=0.08, max_area=0.3)
+        zeros = np.zeros(N_SHAPE, np.float32)
+        template = self.renderer.vertices(zeros, zeros[:50], zeros[:3])
+        self.features = facial_features(template, self.renderer.landmarks68(template))
 
     def identity(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """A random shape (300,) and skin albedo (3,) BGR in [0, 1]."""
-        std = self.s.shape_std * np.exp(-np.arange(N_SHAPE) / self.s.shape_decay)
-        shape = (rng.normal(0, 1, N_SHAPE) * std).astype(np.float32)
+        """A random shape (300,) and per-vertex albedo (V, 3) BGR in [0, 1]."""
+        shape = rng.normal(0, self.s.shape_std, N_SHAPE).astype(np.float32)
         tone = rng.uniform(0.35, 0.85)
-        albedo = np.array([0.55 * tone + 0.1, 0.7 * tone + 0.1, tone + 0.1]) * rng.uniform(0.9, 1.1, 3)
+        skin = np.clip(np.array([0.55 * tone + 0.1, 0.7 * tone + 0.1, tone + 0.1]) * rng.uniform(0.9, 1.1, 3), 0, 1)
+        lips = skin * np.array([0.65, 0.6, 0.95])
+        brows = skin * rng.uniform(0.2, 0.5)
+        eyes = np.full(3, rng.uniform(0.05, 0.2))
+        f = self.features  # (V, 3) weights of eyes, brows, lips
+        albedo = skin * (1 - f.sum(1, keepdims=True)) + f[:, :1] * eyes + f[:, 1:2] * brows + f[:, 2:] * lips
         return shape, np.clip(albedo, 0, 1)
 
     def expression(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
