@@ -65,8 +65,9 @@ def test_outputs_of_three_images(synthetic_root, checkpoints, tmp_path):
         assert not (out / "flamesample" / f"{name}_0_2.ply").exists()
         params = np.load(out / f"{name}.npz")
         n_shape = demo_config("idgen", synthetic_root, tmp_path).net.flame_dim
+        n_exp = demo_config("expgen", synthetic_root, tmp_path).model.n_exp
         assert params["shapes"].shape == (4, n_shape) and params["scores"].shape == (4,)
-        assert params["expressions"].shape == (3, 50) and params["jaws"].shape == (3, 3)
+        assert params["expressions"].shape == (3, n_exp) and params["jaws"].shape == (3, 3)
         assert int(params["best"]) == int(np.argmax(params["scores"]))
         kpt68, kpt7 = np.load(out / name / "kpt68.npy"), np.load(out / name / "kpt7.npy")
         assert kpt68.shape == (68, 3) and kpt7.shape == (7, 3)
