@@ -67,7 +67,9 @@ def evaluate(pipe: OferPipeline, truth_flame: FLAME, frames: dict[str, torch.Ten
         shape_err = vertex_errors(samples, neutral_gt).mean(1)  # (N,)
         mean_face = flame(torch.zeros_like(shape))[0].numpy() * 1000.0
         m = len(rec.expressions)
-        exp_meshes = flame(shape.expand(m, -1), expression=torch.from_numpy(rec.expressions),
+        expressions = torch.from_numpy(rec.expressions)  # (M, n_exp), padded with zeros to the truth's 50
+        expressions = torch.nn.functional.pad(expressions, (0, flame.n_exp - expressions.shape[1]))
+        exp_meshes = flame(shape.expand(m, -1), expression=expressions,
                            jaw=pipe.jaw_scale * torch.from_numpy(rec.jaws)).numpy() * 1000.0  # (M, V, 3)
         exp_err = vertex_errors(exp_meshes, expr_gt).mean(1)  # (M,)
         rows.append({
