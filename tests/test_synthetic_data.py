@@ -15,30 +15,28 @@ def maker(synthetic_root) -> SampleMaker:
     return SampleMaker(model, SyntheticSettings())
 
 
-def test_features_sit_on_eyes_brows_and_lips(maker):
+@pytest.fixture(scope="module")
+def nearest(maker):
+    """Index of the template vertex nearest to landmark k (or the mean of landmarks k)."""
     zeros = np.zeros(300, np.float32)
     template = maker.renderer.vertices(zeros, zeros[:50], zeros[:3])
     lmk = maker.renderer.landmarks68(template)
+    return lambda k: int(np.argmin(np.linalg.norm(template - lmk[k].reshape(-1, 3).mean(0), axis=1)))
+
+
+def test_features_sit_on_eyes_brows_and_lips(maker, nearest):
     weights = maker.features  # (V, 3) eyes, brows, lips
     assert weights.min() >= 0 and weights.sum(1).max() <= 1 + 1e-9
-
-    def nearest(point):
-        return np.argmin(np.linalg.norm(template - point, axis=1))
-
-    assert weights[nearest(lmk[37:39].mean(0)), 0] > 0.9  # right eye, between its upper lids
-    assert weights[nearest(lmk[19]), 1] > 0.9  # right brow
-    assert weights[nearest(lmk[51]), 2] > 0.9  # upper lip
-    assert weights[nearest(lmk[30])].sum() == 0  # nose tip: skin
+    assert weights[nearest([37, 38]), 0] > 0.9  # right eye, between its upper lids
+    assert weights[nearest(19), 1] > 0.9  # right brow
+    assert weights[nearest(51), 2] > 0.9  # upper lip
+    assert weights[nearest(30)].sum() == 0  # nose tip: skin
     assert 0.02 < np.mean(weights.sum(1) > 0) < 0.3  # features, not the whole head
 
 
-def test_identity_albedo_paints_features_darker_than_skin(maker):
-    zeros = np.zeros(300, np.float32)
-    template = maker.renderer.vertices(zeros, zeros[:50], zeros[:3])
-    lmk = maker.renderer.landmarks68(template)
-    eye = np.argmin(np.linalg.norm(template - lmk[37:39].mean(0), axis=1))
-    nose = np.argmin(np.linalg.norm(template - lmk[30], axis=1))
+def test_identity_albedo_paints_features_darker_than_skin(maker, nearest):
+    eye, nose = nearest([37, 38]), nearest(30)
     for seed in range(5):
         _, albedo = maker.identity(np.random.default_rng(seed))
-        assert albedo.shape == (len(template), 3)
+        assert albedo.shape == (len(maker.features), 3)
         assert albedo[eye].sum() < 0.5 * albedo[nose].sum()
