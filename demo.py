@@ -21,12 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ofer.data.synthetic import SyntheticSettings, generate
+from ofer.data.synthetic import GENERATOR_VERSION, SyntheticSettings, generate, generator_version
 from ofer.eval.metrics import evaluate_samples, find_samples, mesh_errors
 from ofer.inference.cli import main as run_test
 from ofer.io import load_array, read_mesh
 from ofer.train.cli import main as train
 
+log = logging.getLogger("demo")
 DATA = Path("data/synthetic")
 OUT = Path("output/demo")
 STAGES = (("idgen", "configs/demo/idgen.yml"), ("expgen", "configs/demo/expgen.yml"), ("idrank", "configs/demo/idrank.yml"))
@@ -74,10 +75,16 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     start = time.perf_counter()
-    if not (DATA / "test" / "list.txt").is_file():
+    version = generator_version(DATA)
+    if version is None:
         generate(DATA, SyntheticSettings(actors=args.actors))
+    elif version != GENERATOR_VERSION:
+        log.error("%s was made by an older synthetic-data generator (version %s, now %s); its checkpoints "
+                      "do not fit the demo configs either: delete %s and checkpoint/demo, then run demo.py again",
+                      DATA, version, GENERATOR_VERSION, DATA)
+        return 2
     for stage, cfg in STAGES:
-        train(stage, ["--cfg", cfg, "--resume", *sum((["--opt", o] for o in args.opt), [])])
+        train(stage, ["--cfg", cfg, "--resume", *(arg for o in args.opt for arg in ("--opt", o))])
     ckpt = Path("checkpoint/demo")
     code = run_test([
         "--cfg", "configs/demo/test.yml",

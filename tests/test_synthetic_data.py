@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from ofer.data.synthetic import SampleMaker, SyntheticSettings
+from ofer.data.synthetic import GENERATOR_VERSION, SampleMaker, SyntheticSettings, generator_version
 from ofer.flame import FLAME
 
 
@@ -40,3 +40,11 @@ def test_identity_albedo_paints_features_darker_than_skin(maker, nearest):
         _, albedo = maker.identity(np.random.default_rng(seed))
         assert albedo.shape == (len(maker.features), 3)
         assert albedo[eye].sum() < 0.5 * albedo[nose].sum()
+
+
+def test_data_set_is_stamped_with_the_generator_version(synthetic_root, tmp_path):
+    assert generator_version(synthetic_root) == GENERATOR_VERSION
+    assert generator_version(tmp_path) is None  # nothing generated there
+    (tmp_path / "test").mkdir()
+    (tmp_path / "test" / "list.txt").write_text("a\n")
+    assert generator_version(tmp_path) == "1"  # made before stamps existed

@@ -16,6 +16,7 @@ on-disk layout so the real loaders read it (SPEC §8):
   <out>/test/<name>.jpg + .npy, list.txt                  held-out test images for test.py
   <out>/test_gt/<name>.ply, <name>_occlusion.npy, <name>_params.npz    expressive ground truth
   <out>/test_gt/neutral/<name>.ply, <name>_lmk7.npy       neutral identity ground truth
+  <out>/VERSION                     GENERATOR_VERSION of the code that wrote it
 
 NAME is SYNTH (training actors) and SYNTHVAL (held-out validation actors). Ground truth
 for the test images: the neutral identity mesh and the expressive mesh in mm, the 7 NoW
@@ -50,6 +51,8 @@ IMAGE_SIZE = 320  # large enough that the 1.6x FaRL box stays inside the photo
 FOCAL = 700.0  # pixels; with DISTANCE the head spans about 80% of the image height
 DISTANCE = 0.55  # metres from the camera
 N_SHAPE, N_EXP = 300, 100  # coefficients stored per fit (MICA `betas` = 300 shape + 100 expression)
+# Bumped whenever the generator makes different data; written to <out>/VERSION.
+GENERATOR_VERSION = "2"  # 2: painted features, few strong identity/expression components
 
 
 @dataclass
@@ -215,8 +218,18 @@ def generate(out: Path, settings: SyntheticSettings) -> Path:
     _write_actors(out, "SYNTH", settings.actors, maker, settings, rng)
     _write_actors(out, "SYNTHVAL", settings.val_actors, maker, settings, rng)
     _write_test_set(out, maker, settings, rng)
+    (out / "VERSION").write_text(GENERATOR_VERSION + "\n")
     log.info("synthetic data set written to %s", out)
     return out
+
+
+def generator_version(out: Path) -> str | None:
+    """GENERATOR_VERSION of the data set under `out`: None if there is none, "1" if unstamped."""
+    out = Path(out)
+    if not (out / "test" / "list.txt").is_file():
+        return None
+    stamp = out / "VERSION"
+    return stamp.read_text().strip() if stamp.is_file() else "1"
 
 
 def _write_actors(out: Path, name: str, count: int, maker: SampleMaker, s: SyntheticSettings,
