@@ -80,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         generate(DATA, SyntheticSettings(actors=args.actors))
     elif version != GENERATOR_VERSION:
         log.error("%s was made by an older synthetic-data generator (version %s, now %s); its checkpoints "
-                      "do not fit the demo configs either: delete %s and checkpoint/demo, then run demo.py again",
-                      DATA, version, GENERATOR_VERSION, DATA)
+                  "do not fit the demo configs either: delete %s and checkpoint/demo, then run demo.py again",
+                  DATA, version, GENERATOR_VERSION, DATA)
         return 2
     for stage, cfg in STAGES:
         train(stage, ["--cfg", cfg, "--resume", *(arg for o in args.opt for arg in ("--opt", o))])

@@ -18,10 +18,8 @@ def maker(synthetic_root) -> SampleMaker:
 @pytest.fixture(scope="module")
 def nearest(maker):
     """Index of the template vertex nearest to landmark k (or the mean of landmarks k)."""
-    zeros = np.zeros(300, np.float32)
-    template = maker.renderer.vertices(zeros, zeros[:50], zeros[:3])
-    lmk = maker.renderer.landmarks68(template)
-    return lambda k: int(np.argmin(np.linalg.norm(template - lmk[k].reshape(-1, 3).mean(0), axis=1)))
+    lmk = maker.renderer.landmarks68(maker.template)
+    return lambda k: int(np.argmin(np.linalg.norm(maker.template - lmk[k].reshape(-1, 3).mean(0), axis=1)))
 
 
 def test_features_sit_on_eyes_brows_and_lips(maker, nearest):

@@ -2,9 +2,10 @@
 
 Random identities, expressions and jaw poses of the *synthetic* model (never a real face
 model) are rendered on the CPU with random head pose, lighting, skin colour (with painted
-eyes, brows and lips that move with the mesh) and background, cropped exactly as real photos are (`ofer.preprocess.prepare_face` from the
-projected 5 keypoints and a landmark box), optionally occluded, and written in the real
-on-disk layout so the real loaders read it (SPEC §8):
+eyes, brows and lips that move with the mesh) and background, cropped exactly as real
+photos are (`ofer.preprocess.prepare_face` from the projected 5 keypoints and a landmark
+box), optionally occluded, and written in the real on-disk layout so the real loaders read
+it (SPEC §8):
 
   <out>/flame/                      generic_model.pkl, landmark_embedding.npy, frontindices.npy,
                                     mean_shape.ply (the model's mean face in mm, a baseline)
@@ -138,9 +139,10 @@ def facial_features(vertices: np.ndarray, lmk68: np.ndarray) -> np.ndarray:
         return 1 - np.clip((distance - radius) / radius, 0, 1)
 
     eye_radius = 0.25 * np.linalg.norm(lmk68[39] - lmk68[36])
+    line = 0.003  # metres: half width of brows and lips
     eyes = np.maximum(near(lmk68[36:42], eye_radius, True), near(lmk68[42:48], eye_radius, True))
-    brows = np.maximum(near(lmk68[17:22], 0.003), near(lmk68[22:27], 0.003))
-    lips = near(lmk68[48:60], 0.003, True)
+    brows = np.maximum(near(lmk68[17:22], line), near(lmk68[22:27], line))
+    lips = near(lmk68[48:60], line, True)
     weights = np.stack([eyes, brows, lips], axis=1)  # (V, 3)
     return weights / np.maximum(weights.sum(1, keepdims=True), 1)
 
@@ -162,8 +164,8 @@ class SampleMaker:
         self.s = settings
         self.occluder = OcclusionAugment(prob=1.0, min_area=0.08, max_area=0.3)
         zeros = np.zeros(N_SHAPE, np.float32)
-        template = self.renderer.vertices(zeros, zeros[:50], zeros[:3])
-        self.features = facial_features(template, self.renderer.landmarks68(template))
+        self.template = self.renderer.vertices(zeros, zeros[:50], zeros[:3])  # (V, 3) the mean face
+        self.features = facial_features(self.template, self.renderer.landmarks68(self.template))
 
     def identity(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """A random shape (300,) and per-vertex albedo (V, 3) BGR in [0, 1]."""
@@ -211,9 +213,7 @@ def generate(out: Path, settings: SyntheticSettings) -> Path:
     paths = write_synthetic_flame(out / "flame", seed=settings.seed)
     flame = FLAME(str(paths.model), n_shape=N_SHAPE, n_exp=50, landmark_embedding_path=str(paths.landmarks))
     maker = SampleMaker(flame, settings)
-    zeros = np.zeros(N_SHAPE, np.float32)
-    write_ply(out / "flame" / "mean_shape.ply", maker.renderer.vertices(zeros, zeros[:50], zeros[:3]) * 1000.0,
-              maker.renderer.faces)
+    write_ply(out / "flame" / "mean_shape.ply", maker.template * 1000.0, maker.renderer.faces)
     rng = np.random.default_rng(settings.seed)
     _write_actors(out, "SYNTH", settings.actors, maker, settings, rng)
     _write_actors(out, "SYNTHVAL", settings.val_actors, maker, settings, rng)
