@@ -19,7 +19,7 @@ from ofer.diffusion.denoiser import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-LAYOUT_FILE = REPO_ROOT.parent / "shared" / "ofer_state_dict_layout.txt"
+LAYOUT_FILE = REPO_ROOT / "tests" / "data" / "ofer_state_dict_layout.txt"
 
 # name: (constructor kwargs, tensors and parameters of the original layout)
 CONFIGS = {
@@ -82,9 +82,6 @@ def test_is_projection_key() -> None:
     assert not is_projection_key("downs.0.2.fn.fn.to_qkv.3.bias")
 
 
-@pytest.mark.skipif(
-    not LAYOUT_FILE.exists(), reason=f"layout file not found at {LAYOUT_FILE} (shared/ absent)"
-)
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_state_dict_matches_original_layout_file(name: str) -> None:
     model = build(name)

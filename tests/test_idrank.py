@@ -9,7 +9,7 @@ import torch
 
 from ofer.models.idrank import IdRankNet, front_vertex_errors, listnet_loss, rank_features
 
-LAYOUT_FILE = Path(__file__).resolve().parents[1].parent / "shared" / "ofer_state_dict_layout.txt"
+LAYOUT_FILE = Path(__file__).resolve().parent / "data" / "ofer_state_dict_layout.txt"
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +34,6 @@ def test_default_parameter_count(full_net):
 
 
 def test_state_dict_matches_original_layout(full_net):
-    if not LAYOUT_FILE.is_file():
-        pytest.skip(f"layout file {LAYOUT_FILE} is not present (it lives in the shared folder beside the repo)")
     expected = _layout_section(LAYOUT_FILE.read_text(), "idrank")
     assert len(expected) == 33
     ours = {k: tuple(v.shape) for k, v in full_net.state_dict().items()}
