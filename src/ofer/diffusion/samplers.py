@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 import torch
 
+from ofer.diffusion.noise import Generators, randn
 from ofer.diffusion.schedule import NoiseSchedule
 from ofer.progress import progress as progress_bar
 
@@ -111,7 +112,7 @@ def sample(
     sampler: str = "ddim",
     steps: int | None = None,
     eta: float = 0.0,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     device: torch.device | str | None = None,
     progress: bool = False,
 ) -> torch.Tensor:
@@ -124,7 +125,8 @@ def sample(
         sampler: ``"ddpm"``, ``"ddim"`` or ``"ddim_legacy"``.
         steps: number of DDIM steps (``ddim`` only; default 50).
         eta: DDIM stochasticity (``ddim`` only).
-        generator: source of x_T and of the per-step noise; must live on ``device``.
+        generator: source of x_T and of the per-step noise, or one generator per image
+            (``ofer.diffusion.noise``); must live on ``device``.
         device: where to sample; defaults to the schedule's device.
         progress: show a tqdm progress bar.
     Returns:
@@ -143,7 +145,7 @@ def sample(
     clean = torch.ones((), device=device)  # ᾱ of the data level
     stochastic = sampler == "ddpm" or eta > 0.0
 
-    x = torch.randn(shape, generator=generator, device=device)  # x_T
+    x = randn(shape, generator, device)  # x_T
     batch = x.shape[0]
     visits = _visits(sampler, schedule.num_steps, steps)
     for t, target in progress_bar(visits, desc=sampler, disable=not progress):
@@ -155,7 +157,7 @@ def sample(
         alpha_bar_prev = clean if target is None else alphas_cumprod[target]
         noise = None
         if stochastic and target is not None:
-            noise = torch.randn(shape, generator=generator, device=device)
+            noise = randn(shape, generator, device)
         if sampler == "ddpm":
             x = ddpm_step(x, eps, betas[t], alphas[t], alphas_cumprod[t], alpha_bar_prev, noise)
         else:

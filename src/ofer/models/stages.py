@@ -12,6 +12,7 @@ from torch import nn
 
 from ofer.config import Config
 from ofer.diffusion import Denoiser, NoiseSchedule, diffusion_loss, sample
+from ofer.diffusion.noise import Generators
 from ofer.encoders import build_arcface, build_farl
 from ofer.models.idrank import IdRankNet
 
@@ -84,12 +85,13 @@ class DiffusionStage(ImageContext):
         sampler: str = "ddim",
         steps: int | None = None,
         eta: float = 0.0,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         progress: bool = False,
     ) -> torch.Tensor:
         """Draw `num_samples` coefficient vectors per context: (B, C) -> (B, N, D), in one batch.
 
-        `eta` (stochasticity) applies to `ddim` only; the other samplers ignore it.
+        `eta` (stochasticity) applies to `ddim` only; the other samplers ignore it. `generator`
+        may be one generator per image (`ofer.diffusion.noise`).
         """
         b = context.shape[0]
         ctx = context.repeat_interleave(num_samples, dim=0)  # (B*N, C), samples of one image adjacent
