@@ -5,13 +5,15 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import REPO, demo_config
 from ofer.checkpoints import save_checkpoint
 from ofer.config import config_to_dict
 from ofer.flame import FLAME
 from ofer.inference.cli import main as run_test
-from ofer.io import load_array, read_image, read_mesh
+from ofer.inference.cli import read_list
+from ofer.io import InputError, load_array, read_image, read_mesh
 from ofer.models.stages import DiffusionStage, IdRank
 
 NOW7 = [36, 39, 42, 45, 33, 48, 54]
@@ -113,3 +115,44 @@ def test_missing_assets_give_a_clear_error_and_exit_code(synthetic_root, checkpo
     missing = dict(checkpoints, idgen=tmp_path / "model_idgen_flame20.tar")
     assert run(synthetic_root, missing, tmp_path / "list.txt", tmp_path, tmp_path / "out") == 2
     assert "model_idgen_flame20.tar: checkpoint not found" in caplog.text
+
+
+def as_original_file(ours, path):
+    """Rewrite one of our checkpoints as the original trainer stores it: module entries only, no config."""
+    ckpt = torch.load(ours, weights_only=True)
+    torch.save({k: ckpt[k] for k in ("net", "var_sched", "arcface", "farl") if k in ckpt}, path)
+    return path
+
+
+def test_original_test_sh_command_writes_the_original_paths(synthetic_root, checkpoints, tmp_path):
+    """`--numcheckpoint 3`, `--imagepath data/X/`, entries `arcface_input/<stem>.jpg`, original-format files."""
+    data = tmp_path / "data" / "PICKPIK"
+    stems = (synthetic_root / "test" / "list.txt").read_text().split()[:2]
+    (data / "arcface_input").mkdir(parents=True)
+    (data / "other").mkdir()
+    for stem, folder in zip(stems, ("arcface_input", "other")):
+        for suffix in (".jpg", ".npy"):
+            shutil.copy(synthetic_root / "test" / f"{stem}{suffix}", data / folder / f"{stem}{suffix}")
+    (data / "list.txt").write_text(f"arcface_input/{stems[0]}.jpg\nother/{stems[1]}.jpg\n")
+    original = {k: as_original_file(v, tmp_path / f"model_{k}.tar") for k, v in checkpoints.items()}
+    stage_configs = [f"test.{stage}_config={REPO / 'configs' / 'demo' / f'{stage}.yml'}"
+                     for stage in ("idgen", "expgen", "idrank")]
+    out = tmp_path / "output"
+    assert run(synthetic_root, original, data / "list.txt", f"{data}/", out, "--numcheckpoint", "3",
+               *(a for o in stage_configs for a in ("--opt", o))) == 0
+    assert (out / "shapesample" / f"{stems[0]}_0.ply").is_file()
+    assert sorted(p.name for p in (out / "flamesample").glob(f"{stems[0]}_*.ply")) == [
+        f"{stems[0]}_0_0.ply", f"{stems[0]}_0_1.ply"]
+    assert not (out / "shapesample" / "arcface_input").exists() and not list(out.rglob("*_3.ply"))
+    assert (out / "shapesample" / "other" / f"{stems[1]}_0.ply").is_file()  # other sub-folders are kept
+    assert (out / "flamesample" / "other" / f"{stems[1]}_0_1.ply").is_file()
+    assert (out / stems[0] / "kpt7.npy").is_file() and (out / f"{stems[0]}.npz").is_file()
+    assert (out / stems[0] / "done.json").is_file()
+
+
+def test_list_entries_that_would_share_outputs_are_refused(tmp_path):
+    (tmp_path / "list.txt").write_text("arcface_input/a.jpg\na.jpg\n")
+    with pytest.raises(InputError, match="'arcface_input/a.jpg' and 'a.jpg' would both write outputs named 'a'"):
+        read_list(tmp_path / "list.txt", tmp_path)
+    (tmp_path / "list.txt").write_text("arcface_input/a.jpg\nsub/arcface_input/b\nc.png\n")
+    assert [n for n, _ in read_list(tmp_path / "list.txt", tmp_path)] == ["a", "sub/b", "c"]

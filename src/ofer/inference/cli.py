@@ -4,6 +4,9 @@ The original flags keep working (`--cfg`, `--checkpoint1` IdRank, `--checkpoint2
 `--checkpoint3` ExpGen, `--filename`, `--imagepath`, `--outputpath`, `--numcheckpoint`).
 Each list entry names a 224 crop (`<imagepath>/<entry>`, .jpg assumed when no suffix is
 given) with its ArcFace array (`.npy`) beside it, as `python -m ofer.preprocess` writes.
+Outputs are named as the original names them (SPEC §11): the entry without its suffix and
+without an `arcface_input/` folder, so `arcface_input/<stem>.jpg` gives
+`shapesample/<stem>_0.ply`; other sub-folders are kept.
 One bad image is reported in `summary.json` and skipped; finished images are skipped on a
 re-run unless `--overwrite`.
 """
@@ -38,7 +41,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--filename", required=True, help="text file listing images, one per line")
     p.add_argument("--imagepath", default=".", help="folder the list entries are relative to")
     p.add_argument("--outputpath", default="output", help="output folder")
-    p.add_argument("--numcheckpoint", type=int, default=0, help="index used in output names (<name>_<index>.ply)")
+    p.add_argument("--numcheckpoint", type=int, default=None,
+                   help="the original's number of checkpoints (3 in its test.sh); accepted, never part of file names")
     p.add_argument("--num-shapes", type=int, help="N IdGen samples ranked by IdRank (test.numsamples)")
     p.add_argument("--num-expressions", type=int, help="M ExpGen samples (test.num_expressions)")
     p.add_argument("--sampler", choices=["ddpm", "ddim", "ddim_legacy"], help="IdGen sampler (test.sampling)")
@@ -54,21 +58,39 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+ARCFACE_INPUT_FOLDER = "arcface_input"  # the original drops this folder from output names
+
+
+def output_name(entry: Path) -> str:
+    """The name an entry's outputs get: the entry without its image suffix and `arcface_input/` folder."""
+    rel = entry.with_suffix("") if entry.suffix.lower() in IMAGE_SUFFIXES else entry
+    return Path(*[part for part in rel.parts if part != ARCFACE_INPUT_FOLDER]).as_posix()
+
+
 def read_list(list_file: Path, image_root: Path) -> list[tuple[str, Path]]:
-    """(name, image path) per non-empty line; the name is the entry without its suffix."""
+    """(output name, image path) per non-empty, non-comment line (`output_name` gives the name).
+
+    Raises:
+        InputError: the list is missing, or two entries would write the same output name.
+    """
     if not list_file.is_file():
         raise InputError(f"{list_file}: image list not found")
-    entries = []
+    entries: list[tuple[str, Path]] = []
+    seen: dict[str, str] = {}
     for line in list_file.read_text().splitlines():
         entry = line.strip()
         if not entry or entry.startswith("#"):
             continue
         rel = Path(entry)
+        name = output_name(rel)
+        if name in seen:
+            raise InputError(f"{list_file}: entries '{seen[name]}' and '{entry}' would both write outputs named '{name}'")
+        seen[name] = entry
         if rel.suffix.lower() in IMAGE_SUFFIXES:
-            entries.append((str(rel.with_suffix("")), image_root / rel))
+            entries.append((name, image_root / rel))
             continue
         candidates = [image_root / f"{entry}{suffix}" for suffix in IMAGE_SUFFIXES]
-        entries.append((entry, next((c for c in candidates if c.is_file()), candidates[0])))
+        entries.append((name, next((c for c in candidates if c.is_file()), candidates[0])))
     return entries
 
 
@@ -90,6 +112,9 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, flag) is not None:
             overrides.append(f"test.{key}={getattr(args, flag)}")
     cfg = load_config(args.cfg, overrides)
+    if args.numcheckpoint is not None and args.numcheckpoint != 3:
+        log.warning("--numcheckpoint %d ignored: test.py always takes the three checkpoints --checkpoint1..3, "
+                    "and output names use index 0 as the original's do", args.numcheckpoint)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     out = Path(args.outputpath)
     entries = read_list(Path(args.filename), Path(args.imagepath))
@@ -121,8 +146,7 @@ def run(args: argparse.Namespace) -> int:
         arcface = torch.stack([b[2] for b in batch])
         for (name, _, arc), rec in zip(batch, pipeline(image, arcface, generator)):
             try:
-                done.append(write_outputs(out, name, rec, faces, arc.numpy(), cfg.test.num_saved_expressions,
-                                          args.numcheckpoint))
+                done.append(write_outputs(out, name, rec, faces, arc.numpy(), cfg.test.num_saved_expressions))
             except OSError as err:
                 failed[name] = f"could not write outputs: {err}"
                 log.error("%s: %s", name, failed[name])

@@ -1,14 +1,15 @@
 """Write one image's reconstruction to disk: original files, parameters, landmarks, pictures.
 
 Layout under the output folder (SPEC §11, ours added):
-  shapesample/<name>_<c>.ply         best-ranked neutral shape (mm), as the original
-  flamesample/<name>_<c>_<k>.ply     expression samples k < test.num_saved_expressions (mm)
+  shapesample/<name>_0.ply           best-ranked neutral shape (mm), as the original
+  flamesample/<name>_0_<k>.ply       expression samples k < test.num_saved_expressions (mm)
   <name>.npz                         all sampled shapes, scores, expressions, jaws, the pick
   <name>/kpt7.npy, <name>/kpt68.npy  3D landmarks of the neutral shape (mm), for NoW
   <name>/overlay.png                 the best shape drawn over the aligned input crop
   <name>/samples.png                 contact sheet of the expression samples
   <name>/done.json                   written last: a re-run skips images that have it
-`<c>` is the original `--numcheckpoint` index (0 by default).
+`<name>` comes from the list entry (`ofer.inference.cli.output_name`); the index is always 0, as
+in the original's names (its `--numcheckpoint` counts checkpoints and never enters a name).
 """
 
 from __future__ import annotations
@@ -50,11 +51,11 @@ def samples_sheet(rec: Reconstruction, faces: np.ndarray, count: int) -> np.ndar
 
 
 def write_outputs(out: Path, name: str, rec: Reconstruction, faces: np.ndarray, arcface: np.ndarray,
-                  num_saved: int, index: int = 0) -> dict:
+                  num_saved: int) -> dict:
     """Write every file of one image (each atomically), the done marker last; return its summary."""
-    write_ply(out / "shapesample" / f"{name}_{index}.ply", rec.neutral_mm, faces)
+    write_ply(out / "shapesample" / f"{name}_0.ply", rec.neutral_mm, faces)
     for k in range(min(num_saved, len(rec.expression_mm))):
-        write_ply(out / "flamesample" / f"{name}_{index}_{k}.ply", rec.expression_mm[k], faces)
+        write_ply(out / "flamesample" / f"{name}_0_{k}.ply", rec.expression_mm[k], faces)
     save_npz(out / f"{name}.npz", shapes=rec.shapes, scores=rec.scores, best=np.int64(rec.best),
              expressions=rec.expressions, jaws=rec.jaws)
     save_npy(out / name / "kpt7.npy", rec.kpt7_mm)
