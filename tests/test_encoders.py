@@ -18,6 +18,7 @@ from ofer.encoders import (
     build_arcface,
     build_farl,
     clip_normalise,
+    configure_single_image_bn,
     load_arcface_weights,
     load_farl_state_dict,
     load_farl_weights,
@@ -180,6 +181,51 @@ def test_backbone_file_loads_and_reproduces_outputs(tmp_path):
         expected = torch.nn.functional.normalize(source(images), dim=-1)
     assert not torch.allclose(before, expected)
     torch.testing.assert_close(after, expected)
+
+
+def _original_forward(encoder: ArcFaceEncoder, x: torch.Tensor) -> torch.Tensor:
+    """The original's test-time ArcFace, written from SPEC §3: the final BN1d only `if x.shape[0] > 1`."""
+    for stage in encoder.stages():
+        x = stage(x)
+    x = encoder.fc(encoder.dropout(torch.flatten(encoder.bn2(x), 1)))
+    if x.shape[0] > 1:
+        x = encoder.features(x)
+    return torch.nn.functional.normalize(x, dim=-1)
+
+
+@torch.no_grad()
+def test_single_image_bn_both_behaviours_and_batch_independence():
+    torch.manual_seed(0)
+    encoder = ArcFaceEncoder(layers=(1, 1, 1, 1)).eval()
+    _randomise_batchnorm_statistics(encoder, seed=3)
+    encoder.features.bias.normal_()  # make the final BN1d visibly change the code
+    images = torch.rand(3, 3, 112, 112) * 2 - 1
+    alone = torch.cat([_original_forward(encoder, image[None]) for image in images])  # original, batch of 1
+    repeated = torch.cat([_original_forward(encoder, image[None].repeat(4, 1, 1, 1))[:1] for image in images])
+    assert (alone - repeated).abs().max() > 1e-2  # the two behaviours differ on these weights
+
+    assert encoder.apply_features_bn  # default: as in training and as the original on batches > 1
+    torch.testing.assert_close(encoder(images), repeated, atol=1e-6, rtol=0)
+    torch.testing.assert_close(encoder(images[:1]), repeated[:1], atol=1e-6, rtol=0)
+
+    encoder.apply_features_bn = False  # each image as the original encodes it alone, whatever the batch
+    torch.testing.assert_close(encoder(images), alone, atol=1e-6, rtol=0)
+    torch.testing.assert_close(encoder(images[1:]), alone[1:], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("mode", "original", "encoded_alone", "applied"),
+    [("auto", True, True, False), ("auto", True, False, True), ("auto", False, True, True),
+     ("skip", False, True, False), ("skip", True, False, True), ("apply", True, True, True)],
+)
+def test_configure_single_image_bn(mode, original, encoded_alone, applied):
+    encoder = IResNet((1, 1, 1, 1))
+    configure_single_image_bn(encoder, mode, original_checkpoint=original, encoded_alone=encoded_alone)
+    assert encoder.apply_features_bn is applied
+    configure_single_image_bn(TinyArcFace(), mode, original, encoded_alone)  # no BN1d: nothing to set
+    configure_single_image_bn(None, mode, original, encoded_alone)
+    with pytest.raises(ValueError, match="arcface_single_image_bn must be one of"):
+        configure_single_image_bn(encoder, "original", original, encoded_alone)
 
 
 def test_arcface_weights_missing_file_says_where_to_get_it(tmp_path):

@@ -57,6 +57,11 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
+def is_original(ckpt: dict[str, Any]) -> bool:
+    """True for a file written by the original OFER trainer (ours always carry `format`)."""
+    return "format" not in ckpt
+
+
 def init_projections(module: nn.Module, keys: list[str], seed: int = PROJECTION_SEED) -> None:
     """Initialise the named projection weights like a default Conv1d, from a fixed seed."""
     generator = torch.Generator().manual_seed(seed)

@@ -142,6 +142,10 @@ class TestConfig:
     exp_sampling: Literal["ddpm", "ddim", "ddim_legacy"] = "ddpm"  # ExpGen
     exp_steps: Optional[int] = None
     seed: int = 0
+    # ArcFace's final BN1d where the original encodes one image alone (IdRank's context): "skip"
+    # as the original's forward does on a batch of one, "apply" as in training, "auto" = "skip"
+    # for original checkpoints and "apply" for ours (see ofer.encoders.arcface).
+    arcface_single_image_bn: Literal["auto", "skip", "apply"] = "auto"
     # Stage configs for checkpoints that carry none (the released original files).
     idgen_config: str = "configs/idgen_flame20.yml"
     expgen_config: str = "configs/expgen_flame20.yml"

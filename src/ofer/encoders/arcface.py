@@ -27,6 +27,8 @@ ARCFACE_WEIGHTS = "pretrained/arcface/backbone.pth"
 BN_EPS = 1e-5
 # Number of leading stages (stem, layer1, ..., layer4) run without gradients per option.
 FROZEN_STAGES = {"none": 0, "l2": 2, "l3": 3, "l4": 4}
+# test.arcface_single_image_bn: what the final BN1d does for an image the original encodes alone.
+SINGLE_IMAGE_BN_MODES = ("auto", "skip", "apply")
 
 
 def _conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
@@ -66,6 +68,11 @@ class IResNet(nn.Module):
     Stem conv3x3(64) + BN + PReLU; four stages of IBasicBlocks with widths 64/128/256/512, each
     starting with stride 2 (112 -> 7); head BN2d -> flatten -> dropout -> Linear(512*7*7, 512)
     -> BN1d whose weight is fixed to 1 and not trained.
+
+    `apply_features_bn` (a plain attribute, True by default) says whether that final BN1d runs.
+    False gives, for every image of a batch, what the original's forward gives for a batch of
+    one image: it applies `features` only `if x.shape[0] > 1`. Keeping it per module rather than
+    per batch makes the result independent of how many images are encoded together.
     """
 
     def __init__(
@@ -90,6 +97,7 @@ class IResNet(nn.Module):
         self.features = nn.BatchNorm1d(num_features, eps=BN_EPS)
         nn.init.constant_(self.features.weight, 1.0)
         self.features.weight.requires_grad = False
+        self.apply_features_bn = True
 
     def stem(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, 112, 112) -> (B, 64, 112, 112)."""
@@ -102,7 +110,8 @@ class IResNet(nn.Module):
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 512, 7, 7) feature map -> (B, num_features) embedding (not normalised)."""
         x = torch.flatten(self.bn2(x), 1)  # (B, 512*7*7)
-        return self.features(self.fc(self.dropout(x)))
+        x = self.fc(self.dropout(x))
+        return self.features(x) if self.apply_features_bn else x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for stage in self.stages():
@@ -143,6 +152,30 @@ class ArcFaceEncoder(IResNet):
         for stage in stages[self.num_frozen :]:
             x = stage(x)
         return F.normalize(self.head(x), dim=-1)
+
+
+def configure_single_image_bn(encoder: nn.Module | None, mode: str, original_checkpoint: bool,
+                              encoded_alone: bool) -> None:
+    """Set `encoder.apply_features_bn` for test time as the original's test.py would have run it.
+
+    The original's ArcFace skips its final BN1d on a batch of one image. At test time its ranking
+    step encodes each image alone (so the released IdRank scores with codes without that BN,
+    although it was trained with batches > 1, with it); IdGen and ExpGen encode the image repeated
+    once per sample, so they apply it unless a single sample is drawn.
+
+    Args:
+        encoder: a stage's ArcFace; tiny encoders (no BN1d) and None are left alone.
+        mode: "skip" reproduces the original where it encoded one image, "apply" always applies the
+            BN1d (as in training), "auto" is "skip" for original checkpoints and "apply" for ours.
+        original_checkpoint: the stage's weights come from an original OFER file (no `format`).
+        encoded_alone: the original encodes this stage's image as a batch of one.
+    """
+    if mode not in SINGLE_IMAGE_BN_MODES:
+        raise ValueError(f"arcface_single_image_bn must be one of {SINGLE_IMAGE_BN_MODES}, got {mode!r}")
+    if not isinstance(encoder, IResNet):
+        return
+    skip = mode == "skip" or (mode == "auto" and original_checkpoint)
+    encoder.apply_features_bn = not (skip and encoded_alone)
 
 
 def load_arcface_weights(module: IResNet, path: str | Path = ARCFACE_WEIGHTS) -> None:

@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ofer.checkpoints import checkpoint_config, load_state, read_checkpoint
+from ofer.checkpoints import checkpoint_config, is_original, load_state, read_checkpoint
 from ofer.config import Config, TestConfig
+from ofer.encoders.arcface import configure_single_image_bn
 from ofer.encoders.normalise import clip_normalise_bgr, crop_to_clip_input
 from ofer.flame import FLAME
 from ofer.io import load_array, read_image
@@ -80,8 +81,12 @@ class OferPipeline:
         idgen = DiffusionStage(stages["idgen"][0], load_weights=False)
         expgen = DiffusionStage(stages["expgen"][0], load_weights=False)
         idrank = IdRank(stages["idrank"][0], shape_dim=3 * len(front_idx), load_weights=False)
-        for module, (_, ckpt, path) in zip((idgen, expgen, idrank), stages.values()):
+        # The original encodes IdRank's image alone, IdGen's/ExpGen's once per sample drawn.
+        alone = (cfg.test.numsamples == 1, cfg.test.num_expressions == 1, True)
+        for module, (_, ckpt, path), encoded_alone in zip((idgen, expgen, idrank), stages.values(), alone):
             load_state(ckpt, module, path)
+            configure_single_image_bn(module.arcface, cfg.test.arcface_single_image_bn, is_original(ckpt),
+                                      encoded_alone)
         flame = FLAME(cfg.model.flame_model_path, n_shape=idgen.flame_dim, n_exp=expgen.flame_dim - 3,
                       landmark_embedding_path=cfg.model.flame_lmk_embedding_path)
         return cls(idgen, idrank, expgen, flame, front_idx, cfg.test, cfg.model.jaw_scale, device)
