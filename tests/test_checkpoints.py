@@ -5,8 +5,15 @@ import logging
 import pytest
 import torch
 
-from ofer.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
-from ofer.config import load_config
+from ofer.checkpoints import (
+    CheckpointError,
+    check_stage,
+    checkpoint_stage,
+    load_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+)
+from ofer.config import config_to_dict, load_config
 from ofer.diffusion import is_projection_key
 from ofer.models.stages import DiffusionStage, IdRank
 
@@ -15,6 +22,13 @@ def expgen_config():
     return load_config(None, [
         "stage=expgen", "net.flame_dim=53", "net.context_dim=1024", "net.dims=[53, 25, 10]",
         "model.expencoder=arcfarl", "model.tiny_encoders=true", "model.with_freeze=none",
+    ])
+
+
+def idgen_config(*overrides: str):
+    return load_config(None, [
+        "stage=idgen", "net.flame_dim=300", "net.context_dim=512", "net.dims=[300, 50, 10]",
+        "model.expencoder=arcface", "model.tiny_encoders=true", *overrides,
     ])
 
 
@@ -29,8 +43,9 @@ def original_checkpoint(model: DiffusionStage, path):
                       **{f"var_sched.{k}": v for k, v in model.var_sched.state_dict().items()}},
         "var_sched": model.var_sched.state_dict(),
         "arcface": model.arcface.state_dict(),
-        "farl": model.farl.state_dict(),
     }
+    if model.farl is not None:
+        ckpt["farl"] = model.farl.state_dict()
     torch.save(ckpt, path)
     return net
 
@@ -106,3 +121,46 @@ def test_idrank_checkpoint(tmp_path):
     load_checkpoint(tmp_path / "model_idrank.tar", other)
     feats, ctx = torch.randn(1, 5, 60), torch.randn(1, 1024)
     assert torch.equal(model.net.eval()(feats, ctx), other.net.eval()(feats, ctx))
+
+
+def test_stage_is_told_from_shapes_of_original_files_and_from_the_config_of_ours(tmp_path):
+    files = {"expgen": tmp_path / "model_expgen_flame20.tar", "idgen": tmp_path / "model_idgen_flame20.tar"}
+    original_checkpoint(DiffusionStage(expgen_config()), files["expgen"])
+    original_checkpoint(DiffusionStage(idgen_config()), files["idgen"])
+    rank_cfg = load_config(None, ["stage=idrank", "net.context_dim=1024", "model.expencoder=arcfarl",
+                                  "model.tiny_encoders=true"])
+    rank = IdRank(rank_cfg, shape_dim=30)
+    files["idrank"] = tmp_path / "model_idrank.tar"
+    torch.save({"net": rank.net.state_dict(), "arcface": rank.arcface.state_dict(),
+                "farl": rank.farl.state_dict()}, files["idrank"])
+    for stage, path in files.items():
+        ckpt = read_checkpoint(path)
+        assert checkpoint_stage(ckpt) == stage
+        check_stage(ckpt, stage, path, "--slot")  # the right slot is accepted
+    with pytest.raises(CheckpointError, match=r"model_expgen_flame20.tar: given as the IdGen checkpoint "
+                       r"\(--checkpoint2\), but it holds an ExpGen stage \(from its network shapes\)"):
+        check_stage(read_checkpoint(files["expgen"]), "idgen", files["expgen"], "--checkpoint2")
+    with pytest.raises(CheckpointError, match=r"given as the ExpGen checkpoint \(--checkpoint3\), but it holds an IdRank"):
+        check_stage(read_checkpoint(files["idrank"]), "expgen", files["idrank"], "--checkpoint3")
+
+    # Ours: small sizes that shapes could not tell; the saved config says the stage.
+    small = idgen_config("net.flame_dim=10", "net.dims=[10, 5]", "stage=expgen")
+    save_checkpoint(tmp_path / "ours.tar", DiffusionStage(small), config=config_to_dict(small))
+    with pytest.raises(CheckpointError, match=r"holds an ExpGen stage \(from its config\)"):
+        check_stage(read_checkpoint(tmp_path / "ours.tar"), "idgen", tmp_path / "ours.tar", "--checkpoint2")
+    # Unknown sizes without a config: not refused here (loading checks the shapes).
+    ckpt = read_checkpoint(tmp_path / "ours.tar")
+    del ckpt["config"]
+    assert checkpoint_stage(ckpt) is None
+    check_stage(ckpt, "idgen", tmp_path / "ours.tar", "--checkpoint2")
+
+
+def test_loading_says_once_where_each_part_came_from(tmp_path, caplog):
+    path = tmp_path / "model_expgen_flame20.tar"
+    original_checkpoint(DiffusionStage(expgen_config()), path)
+    with caplog.at_level(logging.INFO):
+        load_checkpoint(path, DiffusionStage(expgen_config()))
+    lines = [r.getMessage() for r in caplog.records if "weights from" in r.getMessage()]
+    assert lines == [f"ExpGen weights from {path} (original OFER format): network from 'net', noise schedule "
+                     f"from the config (checked against 'var_sched'), ArcFace from 'arcface', FaRL from 'farl'"]
+    assert "random" not in caplog.text.lower()

@@ -278,6 +278,13 @@ def _openai_clip_dict(farl: FarlEncoder) -> dict[str, torch.Tensor]:
     return state
 
 
+def test_building_farl_does_not_claim_random_weights(caplog):
+    """open_clip's create_model logs "Model initialized randomly"; the weights are loaded right after."""
+    with caplog.at_level(logging.DEBUG):
+        FarlEncoder()
+    assert "randomly" not in caplog.text
+
+
 def test_farl_is_openai_vit_b16_with_quickgelu(farl):
     from open_clip.transformer import QuickGELU
 

@@ -156,3 +156,12 @@ def test_list_entries_that_would_share_outputs_are_refused(tmp_path):
         read_list(tmp_path / "list.txt", tmp_path)
     (tmp_path / "list.txt").write_text("arcface_input/a.jpg\nsub/arcface_input/b\nc.png\n")
     assert [n for n, _ in read_list(tmp_path / "list.txt", tmp_path)] == ["a", "sub/b", "c"]
+
+
+def test_a_checkpoint_in_the_wrong_slot_is_refused(synthetic_root, checkpoints, tmp_path, caplog):
+    (tmp_path / "list.txt").write_text("a\n")
+    swapped = dict(checkpoints, idgen=checkpoints["expgen"])
+    assert run(synthetic_root, swapped, tmp_path / "list.txt", tmp_path, tmp_path / "out") == 2
+    assert (f"{checkpoints['expgen']}: given as the IdGen checkpoint (--checkpoint2), but it holds an ExpGen "
+            f"stage (from its config)") in caplog.text
+    assert not (tmp_path / "out" / "shapesample").exists()

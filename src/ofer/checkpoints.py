@@ -10,6 +10,9 @@ The original denoiser kept its 16 attention projections in a plain Python list, 
 files never contain them (at most one stray `...fn.fn.qkv.weight`). Loading such a file
 drops the stray key and initialises the projections from a fixed seed, with a warning.
 Everything is read with ``torch.load(weights_only=True)``: no arbitrary code runs.
+
+Which stage a file holds (`checkpoint_stage`) comes from the config of ours and from the network
+shapes of original files, so a file given in the wrong slot is refused (`check_stage`).
 """
 
 from __future__ import annotations
@@ -34,6 +37,12 @@ FORMAT = "ofer-reimpl-1"
 PROJECTION_SEED = 0  # seed for the projections absent from original checkpoints
 _STRAY_ORIGINAL_KEY = re.compile(r"(^|\.)fn\.fn\.qkv\.weight$")
 MODULE_KEYS = ("net", "var_sched", "arcface", "farl")
+STAGE_NAMES = {"idgen": "IdGen", "expgen": "ExpGen", "idrank": "IdRank"}
+# (flame_dim, context_dim) of the released original denoisers (SPEC §4, §7).
+ORIGINAL_DENOISER_SIZES = {(300, 512): "idgen", (53, 1024): "expgen"}
+
+
+_PART_NAMES = {"net": "network", "arcface": "ArcFace", "farl": "FaRL"}
 
 
 class CheckpointError(InputError):
@@ -60,6 +69,44 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 def is_original(ckpt: dict[str, Any]) -> bool:
     """True for a file written by the original OFER trainer (ours always carry `format`)."""
     return "format" not in ckpt
+
+
+def checkpoint_stage(ckpt: dict[str, Any]) -> str | None:
+    """'idgen', 'expgen' or 'idrank' for the stage a checkpoint holds; None when it cannot be told.
+
+    IdRank nets have `ranklayers`; for the denoisers ours say it in their config (`stage`), and
+    original files by their network shapes: IdGen has flame_dim 300 and context 512, ExpGen 53
+    and 1024 (context = the conditioning width minus the time embedding's).
+    """
+    net = ckpt.get("net")
+    if not isinstance(net, dict):
+        return None
+    if any(k.startswith("ranklayers.") for k in net):
+        return "idrank"
+    config = ckpt.get("config")
+    if isinstance(config, dict) and config.get("stage") in STAGE_NAMES:
+        return config["stage"]
+    try:
+        flame_dim = net["init_conv.weight"].shape[0]
+        context_dim = net["mid_block1.mlp.1.weight"].shape[1] - net["time_mlp.3.weight"].shape[0]
+    except (KeyError, AttributeError, IndexError):
+        return None
+    return ORIGINAL_DENOISER_SIZES.get((int(flame_dim), int(context_dim)))
+
+
+def check_stage(ckpt: dict[str, Any], expected: str, path: str | Path, slot: str) -> None:
+    """Refuse a checkpoint that holds another stage than `expected` (e.g. an ExpGen file given as IdGen).
+
+    `slot` names where the file was given (a command-line flag) for the message. A file whose
+    stage cannot be told (`checkpoint_stage` is None) is accepted; loading then checks its shapes.
+    """
+    held = checkpoint_stage(ckpt)
+    if held is not None and held != expected:
+        source = "its config" if isinstance(ckpt.get("config"), dict) else "its network shapes"
+        raise CheckpointError(
+            f"{path}: given as the {STAGE_NAMES[expected]} checkpoint ({slot}), but it holds an "
+            f"{STAGE_NAMES[held]} stage (from {source}); check the order of the checkpoint flags"
+        )
 
 
 def init_projections(module: nn.Module, keys: list[str], seed: int = PROJECTION_SEED) -> None:
@@ -115,7 +162,10 @@ def load_checkpoint(path: str | Path, model: nn.Module) -> dict[str, Any]:
 def checkpoint_config(ckpt: dict[str, Any], fallback: str | Path) -> Config:
     """The config a checkpoint of ours was trained with; for original files, the YAML `fallback`."""
     saved = ckpt.get("config")
-    return config_from_dict(saved) if isinstance(saved, dict) else load_config(fallback)
+    if isinstance(saved, dict):
+        return config_from_dict(saved)
+    log.info("an original-format checkpoint carries no config; its stage is built from %s", fallback)
+    return load_config(fallback)
 
 
 def load_state(ckpt: dict[str, Any], model: nn.Module, path: str | Path) -> None:
@@ -124,24 +174,32 @@ def load_state(ckpt: dict[str, Any], model: nn.Module, path: str | Path) -> None
     Each of `net`, `var_sched`, `arcface`, `farl` that the model has as a submodule is
     loaded from the entry of the same name; a model part without an entry is an error
     (except `var_sched`, whose buffers are recomputed from the config when absent).
+    The one log line says where each part's weights came from (file and entry).
     """
     path = Path(path)
+    sources = []
     for key in MODULE_KEYS:
         part = getattr(model, key, None)
         if not isinstance(part, nn.Module):
             continue
         if key not in ckpt:
             if key == "var_sched":
+                sources.append("noise schedule from the config")
                 continue
             raise CheckpointError(f"{path}: the model has '{key}' but the checkpoint has no '{key}' entry")
         if key == "var_sched":
             _check_schedule(part, ckpt[key], path)
-        elif isinstance(part, FarlEncoder):
+            sources.append("noise schedule from the config (checked against 'var_sched')")
+            continue
+        if isinstance(part, FarlEncoder):
             # An original `farl` entry may hold the whole CLIP model; only the image tower is used.
             load_farl_state_dict(part, ckpt[key], f"{path} ['farl']")
         else:
             load_module_state(part, ckpt[key], key, path)
-    log.info("loaded %s (%s)", path, ckpt.get("format", "original OFER format"))
+        sources.append(f"{_PART_NAMES[key]} from '{key}'")
+    stage = STAGE_NAMES.get(checkpoint_stage(ckpt) or "", type(model).__name__)
+    log.info("%s weights from %s (%s): %s", stage, path,
+             "original OFER format" if is_original(ckpt) else ckpt["format"], ", ".join(sources))
 
 
 def _check_schedule(schedule: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:

@@ -33,7 +33,7 @@ def build_arcface(tiny: bool, weights: str | None = None, with_freeze: str = "l4
         return TinyArcFace()
     encoder = ArcFaceEncoder(with_freeze=with_freeze)
     if weights is None:
-        logger.info("ArcFace: no pretrained weights loaded (random initialisation)")
+        logger.debug("ArcFace built without pretrained weights (a checkpoint supplies them, or it starts random)")
     else:
         load_arcface_weights(encoder, weights)
     return encoder
@@ -53,7 +53,7 @@ def build_farl(tiny: bool, weights: str | None = None) -> nn.Module:
         return TinyFarl()
     encoder = FarlEncoder()
     if weights is None:
-        logger.info("FaRL: no pretrained weights loaded (random initialisation)")
+        logger.debug("FaRL built without pretrained weights (a checkpoint supplies them, or it starts random)")
     else:
         load_farl_weights(encoder, weights)
     return encoder

@@ -1,7 +1,9 @@
 """FaRL image encoder: the OpenAI-CLIP ViT-B/16 image tower carrying FaRL's face weights.
 
 The tower is built by open_clip from its `ViT-B-16-quickgelu` config (OpenAI's layout with
-QuickGELU activations); only the image tower is kept. open_clip's VisionTransformer uses the
+QuickGELU activations); only the image tower is kept. It is built from the config directly, not
+by `open_clip.create_model`, which logs "Model initialized randomly" although FaRL's or a
+checkpoint's weights are loaded right after. open_clip's VisionTransformer uses the
 OpenAI key names (`conv1`, `class_embedding`, `positional_embedding`, `ln_pre`,
 `transformer.resblocks.N.attn.in_proj_weight`, `ln_post`, `proj`), and the tower is stored under
 the attribute `visual`, so this module's state dict has exactly the `visual.*` keys of an
@@ -38,8 +40,10 @@ class FarlEncoder(nn.Module):
         # Imported here: open_clip takes seconds to import and the tiny encoders never need it.
         import open_clip
 
-        clip = open_clip.create_model(FARL_MODEL_NAME, pretrained=None)
-        self.visual = clip.visual
+        config = open_clip.get_model_config(FARL_MODEL_NAME)
+        if config is None:
+            raise RuntimeError(f"open_clip {open_clip.__version__} has no model config '{FARL_MODEL_NAME}'")
+        self.visual = open_clip.CLIP(**config).visual
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_image_batch(x, FARL_SIZE, type(self).__name__)

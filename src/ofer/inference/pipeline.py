@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ofer.checkpoints import checkpoint_config, is_original, load_state, read_checkpoint
+from ofer.checkpoints import check_stage, checkpoint_config, is_original, load_state, read_checkpoint
 from ofer.config import Config, TestConfig
 from ofer.encoders.arcface import configure_single_image_bn
 from ofer.encoders.normalise import clip_normalise_bgr, crop_to_clip_input
@@ -71,10 +71,11 @@ class OferPipeline:
         FLAME assets, front-face indices and `jaw_scale` come from `cfg.model`.
         """
         stages = {}
-        for name, path, fallback in (("idgen", idgen_path, cfg.test.idgen_config),
-                                     ("expgen", expgen_path, cfg.test.expgen_config),
-                                     ("idrank", idrank_path, cfg.test.idrank_config)):
+        for name, path, fallback, slot in (("idgen", idgen_path, cfg.test.idgen_config, "--checkpoint2"),
+                                           ("expgen", expgen_path, cfg.test.expgen_config, "--checkpoint3"),
+                                           ("idrank", idrank_path, cfg.test.idrank_config, "--checkpoint1")):
             ckpt = read_checkpoint(path)
+            check_stage(ckpt, name, path, slot)
             stage_cfg = checkpoint_config(ckpt, fallback)
             stages[name] = (stage_cfg, ckpt, path)
         front_idx = load_front_indices(cfg.model.front_indices_path)
