@@ -10,17 +10,28 @@ import pytest
 import trimesh
 from scipy.spatial.transform import Rotation
 
-from ofer.eval.geometry import MeshSurface, Similarity, point_triangle_distance, similarity_procrustes
+from ofer.eval.geometry import (
+    MeshSurface,
+    Similarity,
+    point_triangle_distance,
+    refine_dogleg,
+    refine_similarity,
+    rotation_jacobian,
+    similarity_procrustes,
+)
 from ofer.eval.now import (
+    UNIT_FACTORS,
+    check_unit,
     crop_scan,
     main,
     pooled_statistics,
     read_landmarks,
     read_picked_points,
+    read_scan_vertices,
     resolve_item,
     scan_to_mesh_distances,
 )
-from ofer.io import InputError, write_ply
+from ofer.io import InputError, read_mesh, write_ply
 
 # NoW landmark order: right eye outer/inner, left eye inner/outer, nose bottom, mouth corners
 # (FLAME frame: x to the subject's left, y up, z out of the face).
@@ -204,7 +215,7 @@ def test_picked_points_and_landmark_files(tmp_path):
 
 def test_flat_layout_resolution(tmp_path):
     pred, gt = tmp_path / "pred", tmp_path / "gt"
-    for path in [pred / "a.ply", pred / "a_kpt7.npy", pred / "b.obj", pred / "b" / "kpt7.npy",
+    for path in [pred / "a.ply", pred / "a_kpt7.npy", pred / "b.obj", pred / "b.ply", pred / "b" / "kpt7.npy",
                  gt / "a.obj", gt / "a.pp", gt / "b.ply", gt / "b_lmk7.npy", gt / "c.obj", gt / "c.pp"]:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.touch()
@@ -244,10 +255,141 @@ def test_now_layout_end_to_end(tmp_path):
     assert report["n_points"] == 2 * report["per_image"][0]["n_points"]
 
 
-def test_now_layout_needs_exactly_one_scan(tmp_path):
-    folder = tmp_path / "gt" / "scans" / "S1"
-    folder.mkdir(parents=True)
-    for name in ("natural_head_rotation.000001.obj", "natural_head_rotation.000002.obj"):
-        (folder / name).touch()
-    with pytest.raises(InputError, match="exactly one scan"):
-        resolve_item("S1/selfie/IMG_1.jpg", tmp_path / "pred", tmp_path / "gt")
+def test_now_layout_takes_the_first_scan_and_landmark_file_like_the_reference(tmp_path, caplog):
+    gt = tmp_path / "gt"
+    for path in (gt / "scans" / "S1" / "b_scan.obj", gt / "scans" / "S1" / "a_scan.obj",
+                 gt / "scans" / "S1" / "a_scan.ply", gt / "scans_lmks_onlypp" / "S1" / "x.pp"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+    item = resolve_item("S1/selfie/IMG_1.jpg", tmp_path / "pred", gt)
+    assert (item.scan_mesh, item.scan_landmarks) == (gt / "scans" / "S1" / "a_scan.obj",
+                                                     gt / "scans_lmks_onlypp" / "S1" / "x.pp")
+    assert "2 files match '*.obj'; using a_scan.obj" in caplog.text
+    with pytest.raises(InputError, match=r"S2: no scan matching '\*.obj'"):
+        resolve_item("S2/selfie/IMG_1.jpg", tmp_path / "pred", gt)
+
+
+def test_now_layout_reads_test_py_outputs(tmp_path):
+    pred, gt = tmp_path / "pred", tmp_path / "gt"
+    for path in (gt / "scans" / "S1" / "s.obj", gt / "scans_lmks_onlypp" / "S1" / "s.pp",
+                 pred / "shapesample" / "S1" / "selfie" / "IMG_1_0.ply", pred / "S1" / "selfie" / "IMG_1" / "kpt7.npy"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+    item = resolve_item("S1/selfie/IMG_1.jpg", pred, gt)
+    assert item.pred_mesh == pred / "shapesample" / "S1" / "selfie" / "IMG_1_0.ply"
+    assert item.pred_landmarks == pred / "S1" / "selfie" / "IMG_1" / "kpt7.npy"
+    (pred / "S1" / "selfie" / "IMG_1.obj").touch()  # a submission's own file comes first
+    assert resolve_item("S1/selfie/IMG_1.jpg", pred, gt).pred_mesh == pred / "S1" / "selfie" / "IMG_1.obj"
+
+
+# ------------------------------------------------------------- reference behaviour details
+
+
+def test_rotation_jacobian_matches_finite_differences():
+    rng = np.random.default_rng(0)
+    points = rng.normal(size=(5, 3))
+    for rotvec in (np.zeros(3), np.array([0.3, -0.5, 0.2]), np.array([2.5, 1.0, -0.3])):
+        numeric = np.zeros((5, 3, 3))
+        for j in range(3):
+            step = np.eye(3)[j] * 1e-6
+            plus = points @ Rotation.from_rotvec(rotvec + step).as_matrix().T
+            minus = points @ Rotation.from_rotvec(rotvec - step).as_matrix().T
+            numeric[:, :, j] = (plus - minus) / 2e-6
+        np.testing.assert_allclose(rotation_jacobian(rotvec, points), numeric, atol=1e-8)
+
+
+def _imperfect_prediction() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A prediction that differs from the scan's shape (so the fit keeps a residual), roughly placed."""
+    vertices, faces, landmark_idx = bumpy_head()
+    unit = vertices / np.linalg.norm(vertices, axis=1, keepdims=True)
+    deformed = vertices * (1.0 + 0.03 * np.cos(4 * unit[:, 1]))[:, None]
+    placed = Similarity(1.25, Rotation.from_rotvec([0.32, -0.46, 0.17]).as_matrix(), np.array([12.0, -18.0, 3.0]))
+    return placed.apply(deformed), faces, landmark_idx
+
+
+def test_official_refinement_stops_at_the_first_step_gaining_under_1e_4():
+    pred_vertices, faces, _ = _imperfect_prediction()
+    scan_v, _, scan_lmk = make_scan(TRUE)
+    cropped = scan_v[crop_scan(scan_v, scan_lmk)]
+    surface = MeshSurface(pred_vertices, faces)
+    official = refine_dogleg(surface, cropped)
+    assert 2 <= official.iterations < 200
+    # Deterministic: a run capped at k steps takes the official run's first k steps.
+    energies = [float(np.sum(surface.closest(cropped)[1] ** 2))]
+    for k in range(1, official.iterations + 1):
+        energies.append(float(np.sum(refine_dogleg(surface, cropped, max_steps=k).distances ** 2)))
+    gains = [(a - b) / a for a, b in zip(energies, energies[1:])]
+    assert all(g >= 1e-4 for g in gains[:-1]) and gains[-1] < 1e-4
+    assert energies[-1] == pytest.approx(float(np.sum(official.distances**2)), rel=1e-12)
+    # Ours runs on further and ends no worse.
+    converged = refine_similarity(surface, cropped)
+    assert float(np.sum(converged.distances**2)) <= energies[-1] * (1 + 1e-9)
+
+
+def test_metrical_unit_option_and_wrong_unit_error():
+    vertices, faces, landmark_idx = bumpy_head()
+    rigid = Similarity(1.0, TRUE.rotation, TRUE.translation)
+    scan_v, _, scan_lmk = make_scan(rigid)
+    cropped = scan_v[crop_scan(scan_v, scan_lmk)]
+    lmk = vertices[landmark_idx] + 1.0
+    in_mm = scan_to_mesh_distances(vertices, faces, lmk, cropped, scan_lmk, metrical=True)
+    for unit, factor in (("cm", 10.0), ("m", 1000.0)):
+        check_unit(lmk / factor, scan_lmk, unit, Path("p.npy"))
+        other = scan_to_mesh_distances(vertices / factor, faces, lmk / factor, cropped, scan_lmk, metrical=True,
+                                       unit_factor=UNIT_FACTORS[unit])
+        assert np.median(other.distances) < 1e-4 and other.transform.scale == factor
+    assert np.median(in_mm.distances) < 1e-4
+    with pytest.raises(InputError, match=r"p.npy: read in mm, .* looks like it is in m: pass --unit m"):
+        check_unit(lmk / 1000.0, scan_lmk, "mm", Path("p.npy"))
+    with pytest.raises(InputError, match="looks like it is in mm: pass --unit mm"):
+        check_unit(lmk, scan_lmk, "cm", Path("p.npy"))
+
+
+def test_scan_obj_vertices_are_read_as_stored(tmp_path):
+    """Texture coordinates, normals, a duplicate and an unused vertex: every `v` line is a vertex."""
+    path = tmp_path / "scan.obj"
+    path.write_text("# scan\nmtllib x.mtl\nv 0 0 0\nv 1 0 0 0.5 0.5 0.5\nv 0 1 0\nv 0 1 0\nv 9 9 9\n"
+                    "vt 0 0\nvt 1 0\nvt 0 1\nvt 1 1\nvn 0 0 1\n"
+                    "f 1/1/1 2/2/1 3/3/1\nf 1/4/1 3/1/1 4/2/1\n")
+    np.testing.assert_array_equal(read_scan_vertices(path), [[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 1, 0], [9, 9, 9]])
+    (tmp_path / "bad.obj").write_text("v 1 2\n")
+    with pytest.raises(InputError, match="bad.obj"):
+        read_scan_vertices(tmp_path / "bad.obj")
+
+
+def _flat_case(tmp_path: Path, pred_landmarks: np.ndarray | None = None) -> tuple[Path, Path, Path]:
+    vertices, faces, landmark_idx = bumpy_head()
+    scan_v, scan_f, scan_lmk = make_scan(TRUE)
+    pred, gt = tmp_path / "pred", tmp_path / "gt"
+    gt.mkdir(parents=True)
+    trimesh.Trimesh(scan_v, scan_f, process=False).export(gt / "a.obj")
+    write_pp(gt / "a.pp", scan_lmk)
+    write_ply(pred / "a.ply", vertices, faces)
+    np.save(pred / "a_kpt7.npy", vertices[landmark_idx][None] if pred_landmarks is None else pred_landmarks)
+    (tmp_path / "list.txt").write_text("a\n")
+    return pred, gt, tmp_path / "list.txt"
+
+
+def test_landmarks_of_shape_1_7_3_and_alignment_check_files(tmp_path):
+    pred, gt, list_file = _flat_case(tmp_path)  # landmarks saved as (1, 7, 3)
+    check = tmp_path / "check"
+    report = main(["--pred", str(pred), "--gt", str(gt), "--list", str(list_file), "--check-alignment", str(check)])
+    assert report["n_evaluated"] == 1 and report["median"] < 1e-4 and not report["per_image"][0]["reflection"]
+    aligned, _ = read_mesh(check / "a" / "aligned_prediction.ply")
+    cropped = trimesh.load(check / "a" / "cropped_scan.ply", process=False).vertices  # a point cloud
+    assert len(cropped) == report["n_points"]
+    vertices, _, _ = bumpy_head()
+    np.testing.assert_allclose(aligned, TRUE.apply(vertices), atol=1e-3)  # float32 file
+
+
+def test_reflected_or_misordered_landmarks_are_warned_about(tmp_path, caplog):
+    vertices, _, landmark_idx = bumpy_head()
+    mirrored = vertices[landmark_idx] * np.array([-1.0, 1.0, 1.0])  # left and right swapped
+    pred, gt, list_file = _flat_case(tmp_path / "mirror", mirrored)
+    report = main(["--pred", str(pred), "--gt", str(gt), "--list", str(list_file)])
+    assert report["per_image"][0]["reflection"] and "is a reflection" in caplog.text
+    caplog.clear()
+    shuffled = vertices[landmark_idx][[4, 0, 6, 2, 1, 5, 3]]
+    pred, gt, list_file = _flat_case(tmp_path / "order", shuffled)
+    report = main(["--pred", str(pred), "--gt", str(gt), "--list", str(list_file)])
+    assert report["per_image"][0]["landmark_rms_mm"] > 10 and "mm RMS" in caplog.text

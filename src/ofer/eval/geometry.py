@@ -9,8 +9,12 @@ vertex, the distance to the closest point on the mesh *surface*. This module hol
 - `point_triangle_distance`: the exact distance from points to triangles (plane, edges,
   vertices), vectorised numpy; used to verify the library query on hand-built cases.
 - `MeshSurface`: closest points on a triangle mesh via `trimesh.proximity` (rtree-accelerated).
-- `refine_similarity`: Levenberg–Marquardt over (log s, rotation, translation) minimising the
-  sum of squared point-to-surface distances, closest points recomputed at every evaluation.
+- `refine_dogleg`: the NoW reference refinement (SPEC §12): Powell's dogleg over (s, axis-angle r,
+  t) of x -> s·R(r)·x + t (rotation about the origin), stopping when a step improves the sum of
+  squared point-to-surface distances by less than 1e-4 of it, or after 200 steps.
+- `refine_similarity`: our alternative, Levenberg–Marquardt over (log s, rotation, translation)
+  about the data's centroid, run on to a relative gain of 1e-6.
+Both recompute closest points at every evaluation.
 """
 
 from __future__ import annotations
@@ -244,3 +248,130 @@ def refine_similarity(
     logger.debug("refine_similarity: %d steps, %d evaluations, energy %.6g",
                  iteration, evaluations, state.energy)
     return Refinement(state.transform, state.distances, iteration, evaluations)
+
+
+# The reference's solver settings (chumpy's dogleg as the NoW evaluation calls it): initial trust
+# radius 0.1, stop when an accepted step gains less than 1e-4 of the sum of squares, at most 200
+# steps; gradient and step-size floors 1e-15; the penalty 100·(|s| − s) keeps the scale positive.
+DOGLEG_INITIAL_RADIUS = 0.1
+DOGLEG_RELATIVE_GAIN = 1e-4
+DOGLEG_MAX_STEPS = 200
+DOGLEG_FLOOR = 1e-15
+SCALE_PENALTY = 100.0
+
+
+def rotation_jacobian(rotvec: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """∂(R(r)·c)/∂r for an axis-angle r and points c (P, 3) -> (P, 3, 3) [point, coordinate, r_j].
+
+    Closed form of Gallego & Yezzi (2015): −R·[c]×·(r·rᵀ + (Rᵀ − I)·[r]×)/‖r‖², and −[c]× at r = 0.
+    """
+    theta2 = float(rotvec @ rotvec)
+    rotation = Rotation.from_rotvec(rotvec).as_matrix()
+    if theta2 < 1e-24:
+        mix = np.eye(3)
+    else:
+        skew_r = np.array([[0.0, -rotvec[2], rotvec[1]], [rotvec[2], 0.0, -rotvec[0]], [-rotvec[1], rotvec[0], 0.0]])
+        mix = (np.outer(rotvec, rotvec) + (rotation.T - np.eye(3)) @ skew_r) / theta2
+    columns = np.cross(points[:, None, :], mix.T[None, :, :])  # (P, j, 3): c × mix[:, j]
+    return -np.einsum("ik,pjk->pij", rotation, columns)  # (P, 3, 3)
+
+
+def refine_dogleg(
+    surface: MeshSurface,
+    targets: np.ndarray,
+    with_scale: bool = True,
+    max_steps: int = DOGLEG_MAX_STEPS,
+    relative_gain: float = DOGLEG_RELATIVE_GAIN,
+) -> Refinement:
+    """Find T(x) = s·R(r)·x + t minimising Σ_i dist(targets_i, T(surface))² as the NoW reference does.
+
+    targets: (P, 3) points (the cropped scan); T starts at the identity and rotates about the
+    origin. Residuals are the P point-to-surface distances (plus the scale penalty
+    100·(|s| − s), zero for s > 0, when `with_scale`); their Jacobian holds each closest point at
+    its place on its triangle. Powell's dogleg (Lourakis & Argyros 2005) with the reference
+    settings above: per step, the Cauchy step cut to the trust radius, else the Gauss–Newton step
+    if it fits, else the point on the segment between them at the radius; a trial that does not
+    lower the sum of squares shrinks the radius and is retried. `with_scale=False` fixes s = 1
+    and optimises (r, t) only (metrical track).
+    """
+    targets = np.asarray(targets, dtype=np.float64)
+
+    def unpack(params: np.ndarray) -> Similarity:
+        scale = float(params[0]) if with_scale else 1.0
+        rotvec, shift = params[-6:-3], params[-3:]
+        return Similarity(scale, Rotation.from_rotvec(rotvec).as_matrix(), shift)
+
+    def residuals(params: np.ndarray) -> tuple[np.ndarray, np.ndarray, Similarity]:
+        t = unpack(params)
+        closest, dist, _ = surface.closest(t.inverse_apply(targets))
+        res = t.scale * dist  # distances in the target frame
+        if with_scale:
+            res = np.append(res, SCALE_PENALTY * (abs(t.scale) - t.scale))
+        return res, closest, t
+
+    def jacobian(params: np.ndarray, res: np.ndarray, closest: np.ndarray, t: Similarity) -> np.ndarray:
+        dist = res[: len(targets)]
+        offset = t.apply(closest) - targets  # (P, 3), ‖offset‖ = dist
+        unit = offset / np.where(dist > 0, dist, 1.0)[:, None]  # (P, 3); zero rows where dist = 0
+        d_rot = t.scale * np.einsum("pi,pij->pj", unit, rotation_jacobian(params[-6:-3], closest))  # (P, 3)
+        columns = [d_rot, unit]
+        if with_scale:
+            columns.insert(0, (unit * (closest @ t.rotation.T)).sum(1, keepdims=True))  # ∂d/∂s (P, 1)
+        jac = np.concatenate(columns, axis=1)  # (P, 7) or (P, 6)
+        if with_scale:
+            penalty_row = np.zeros((1, jac.shape[1]))
+            penalty_row[0, 0] = SCALE_PENALTY * (np.sign(t.scale) - 1.0)
+            jac = np.concatenate([jac, penalty_row])
+        return jac
+
+    params = np.concatenate([[1.0] if with_scale else [], np.zeros(6)])
+    res, closest, t = residuals(params)
+    jac = jacobian(params, res, closest, t)
+    radius, steps, evaluations = DOGLEG_INITIAL_RADIUS, 0, 1
+    descent = jac.T @ -res  # minus the half-gradient of the sum of squares
+    stop = np.abs(descent).max() < DOGLEG_FLOOR
+    while not stop and steps < max_steps:
+        steps += 1
+        cauchy = (descent @ descent) / np.sum((jac @ descent) ** 2) * descent
+        gauss_newton = None
+        while True:
+            if np.linalg.norm(cauchy) >= radius:
+                step = radius / np.linalg.norm(cauchy) * cauchy
+            else:
+                if gauss_newton is None:
+                    gauss_newton = np.linalg.lstsq(jac.T @ jac, descent, rcond=None)[0]
+                if np.linalg.norm(gauss_newton) <= radius:
+                    step = gauss_newton
+                else:  # the point of the segment cauchy -> gauss_newton at distance `radius`
+                    between = gauss_newton - cauchy
+                    a, b, c = between @ between, cauchy @ between, cauchy @ cauchy - radius**2
+                    step = cauchy + (-b + np.sqrt(b * b - a * c)) / a * between
+            if np.linalg.norm(step) <= DOGLEG_FLOOR * np.linalg.norm(params):
+                stop = True
+                break
+            trial = params + step
+            trial_res, trial_closest, trial_t = residuals(trial)
+            evaluations += 1
+            energy, trial_energy = float(res @ res), float(trial_res @ trial_res)
+            gain = energy - trial_energy
+            predicted = energy - float(np.sum((res + jac @ step) ** 2))
+            ratio = gain / predicted if gain > 0 else gain
+            improved = gain > 0
+            if improved:
+                params, res, closest, t = trial, trial_res, trial_closest, trial_t
+                if gain / energy < relative_gain:
+                    stop = True
+                else:
+                    jac = jacobian(params, res, closest, t)
+                    descent = jac.T @ -res
+                    stop = np.abs(descent).max() < DOGLEG_FLOOR
+            if ratio > 0.9:
+                radius = max(radius, 2.5 * np.linalg.norm(step))
+            elif ratio < 0.05:
+                radius *= 0.25
+            if radius <= DOGLEG_FLOOR * np.linalg.norm(params):
+                stop = True
+            if stop or improved:
+                break
+    logger.debug("refine_dogleg: %d steps, %d evaluations, energy %.6g", steps, evaluations, float(res @ res))
+    return Refinement(t, res[: len(targets)], steps, evaluations)
