@@ -161,6 +161,7 @@ def test_loading_says_once_where_each_part_came_from(tmp_path, caplog):
     with caplog.at_level(logging.INFO):
         load_checkpoint(path, DiffusionStage(expgen_config()))
     lines = [r.getMessage() for r in caplog.records if "weights from" in r.getMessage()]
-    assert lines == [f"ExpGen weights from {path} (original OFER format): network from 'net', noise schedule "
-                     f"from the config (checked against 'var_sched'), ArcFace from 'arcface', FaRL from 'farl'"]
+    expected = (f"ExpGen weights from {path} (original OFER format): network from 'net', noise schedule "
+                f"from the config (checked against 'var_sched'), ArcFace from 'arcface', FaRL from 'farl'")
+    assert lines == [expected]
     assert "random" not in caplog.text.lower()

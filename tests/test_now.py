@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -318,7 +319,7 @@ def test_official_refinement_stops_at_the_first_step_gaining_under_1e_4():
     energies = [float(np.sum(surface.closest(cropped)[1] ** 2))]
     for k in range(1, official.iterations + 1):
         energies.append(float(np.sum(refine_dogleg(surface, cropped, max_steps=k).distances ** 2)))
-    gains = [(a - b) / a for a, b in zip(energies, energies[1:])]
+    gains = [(a - b) / a for a, b in pairwise(energies)]
     assert all(g >= 1e-4 for g in gains[:-1]) and gains[-1] < 1e-4
     assert energies[-1] == pytest.approx(float(np.sum(official.distances**2)), rel=1e-12)
     # Ours runs on further and ends no worse.
