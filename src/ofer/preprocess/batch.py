@@ -65,7 +65,7 @@ def list_images(input_path: Path) -> list[tuple[Path, str]]:
     return images
 
 
-def _header_size(path: Path) -> tuple[int, int] | None:
+def _header_size(path: Path, max_pixels: int) -> tuple[int, int] | None:
     """(width, height) from the file header, without decoding pixels; None if Pillow can't tell."""
     from PIL import Image, UnidentifiedImageError
 
@@ -74,8 +74,8 @@ def _header_size(path: Path) -> tuple[int, int] | None:
         try:
             with Image.open(path) as image:
                 return image.size
-        except Image.DecompressionBombError as err:  # Pillow refuses sizes far above its own limit
-            raise InputError(f"{path}: image too large to decode ({err})") from err
+        except Image.DecompressionBombError as err:  # Pillow refuses, from the header, sizes far above ours
+            raise InputError(f"{path}: larger than the {max_pixels / 1e6:g}-megapixel limit ({err})") from err
         except (UnidentifiedImageError, OSError, ValueError):
             return None  # OpenCV may still read it, or says it can't
 
@@ -84,7 +84,7 @@ def read_photo(path: Path, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     """Read a photo as BGR uint8 (H, W, 3), refusing one above `max_pixels` before decoding it."""
     if not path.is_file():
         raise InputError(f"{path}: image file not found")
-    size = _header_size(path)
+    size = _header_size(path, max_pixels)
     if size is not None and size[0] * size[1] > max_pixels:
         raise InputError(
             f"{path}: {size[0]}×{size[1]} image ({size[0] * size[1] / 1e6:.0f} megapixels) is larger than the "
