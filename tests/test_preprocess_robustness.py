@@ -155,6 +155,16 @@ def test_interrupted_run_still_writes_its_report(tmp_path, monkeypatch):
     assert [item["name"] for item in report["processed"]] == ["p0"] and report["failed"] == []
     assert (out / "list.txt").read_text() == "p0\n"
 
+    # Interrupted between a photo's two files: the half-written photo leaves nothing behind.
+    def interrupt(path, image):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(batch, "write_image", interrupt)  # called after the .npy is saved
+    with pytest.raises(KeyboardInterrupt):
+        run(photos / "p2.png", tmp_path / "half", detector=_Detector(RuntimeError("unused")))
+    assert sorted(p.name for p in (tmp_path / "half").iterdir()) == ["list.txt", "preprocess_report.json"]
+    monkeypatch.undo()
+
     # The command line says so with exit status 130.
     monkeypatch.setattr(cli, "make_detector", lambda *args: _Detector(KeyboardInterrupt()))
     assert main(["--input", str(photos), "--out", str(tmp_path / "again")]) == 130

@@ -173,6 +173,11 @@ def _describe(err: Exception) -> str:
     return str(err) if isinstance(err, InputError) else f"{type(err).__name__}: {err}"
 
 
+def _remove_outputs(out_dir: Path, name: str) -> None:
+    for suffix in (".jpg", ".npy"):
+        (out_dir / f"{name}{suffix}").unlink(missing_ok=True)
+
+
 def _write_report(out_dir: Path, report: dict) -> None:
     with atomic_write(out_dir / "preprocess_report.json") as tmp:
         tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
@@ -213,7 +218,6 @@ def run(
     images = list_images(input_path)
     if not images:
         raise InputError(f"{input_path}: no images found (suffixes {', '.join(IMAGE_SUFFIXES)})")
-    check_output_folder(out_dir)
     if keypoints is not None:
         table = keypoints if isinstance(keypoints, dict) else load_keypoints(keypoints)
         found_by, face_finder = "keypoint file", None
@@ -222,6 +226,7 @@ def run(
         detector = DEFAULT_DETECTOR if detector is None else detector
         found_by = detector if isinstance(detector, str) else getattr(detector, "name", type(detector).__name__)
         face_finder = make_detector(detector, min_score=min_score) if isinstance(detector, str) else detector
+    check_output_folder(out_dir)
 
     report = {"input": str(input_path), "detector": found_by, "processed": [], "failed": [],
               "interrupted": True, "not_attempted": len(images)}
@@ -234,10 +239,11 @@ def run(
                     if name in used_names:
                         raise InputError(f"output name {name!r} already used by {used_names[name]}")
                     entry = process_image(image_path, relative, out_dir, table, face_finder, min_score, max_pixels)
-                except Exception as err:  # noqa: BLE001 - any failure of one photo is that photo's failure
+                except BaseException as err:  # any failure of one photo is that photo's failure (Ctrl-C: see below)
                     if name not in used_names:  # no partial or stale crops under a failed name
-                        for suffix in (".jpg", ".npy"):
-                            (out_dir / f"{name}{suffix}").unlink(missing_ok=True)
+                        _remove_outputs(out_dir, name)
+                    if not isinstance(err, Exception):  # Ctrl-C, SystemExit: stop (the report follows)
+                        raise
                     logger.warning("skipped %s: %s", image_path, _describe(err))
                     report["failed"].append({"image": str(image_path), "reason": _describe(err)})
                 else:
