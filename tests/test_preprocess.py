@@ -5,17 +5,18 @@ from __future__ import annotations
 import json
 import sys
 import types
+from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 import skimage.data
-from skimage.transform import SimilarityTransform
 
 from ofer.io import InputError, load_array
 from ofer.preprocess import (
     ARCFACE_TEMPLATE,
     InsightFaceDetector,
+    MTCNNDetector,
     arcface_crop,
     arcface_input,
     arcface_matrix_224_to_112,
@@ -26,6 +27,7 @@ from ofer.preprocess import (
     main,
     pick_face,
     prepare_face,
+    run,
     similarity_transform,
     transform_points,
 )
@@ -47,14 +49,6 @@ def _similarity(scale: float, degrees: float, tx: float, ty: float) -> np.ndarra
     return np.concatenate([rotation, [[tx], [ty]]], axis=1)
 
 
-def _skimage_similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-    if hasattr(SimilarityTransform, "from_estimate"):
-        return SimilarityTransform.from_estimate(src, dst).params[:2]
-    tform = SimilarityTransform()
-    tform.estimate(src, dst)
-    return tform.params[:2]
-
-
 def _box_iou(a: np.ndarray, b: np.ndarray) -> float:
     width = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
     height = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
@@ -65,25 +59,35 @@ def _box_iou(a: np.ndarray, b: np.ndarray) -> float:
 # --------------------------------------------------------------------------- geometry
 
 
-def test_similarity_transform_recovers_known_similarity_and_matches_skimage():
+def test_similarity_transform_recovers_known_similarity():
     rng = np.random.default_rng(0)
     src = rng.uniform(0, 200, size=(7, 2))
     truth = _similarity(0.37, 23.0, 12.5, -40.0)
     np.testing.assert_allclose(similarity_transform(src, transform_points(truth, src)), truth, atol=1e-9)
 
-    noisy_dst = transform_points(truth, src) + rng.normal(0, 2.0, size=src.shape)
-    np.testing.assert_allclose(
-        similarity_transform(src, noisy_dst), _skimage_similarity(src, noisy_dst), atol=1e-9
-    )
+
+def _best_residual_over_rotations(src: np.ndarray, dst: np.ndarray) -> float:
+    """Smallest least-squares residual of any similarity, by brute force over the angle.
+
+    For a fixed rotation the best scale and translation have a closed form (centre both sets,
+    scale = <R src_c, dst_c> / |src_c|², clipped at 0), so a fine grid of angles bounds the optimum.
+    """
+    src_c, dst_c = src - src.mean(0), dst - dst.mean(0)
+    angles = np.linspace(0, 2 * np.pi, 20000, endpoint=False)
+    cos, sin = np.cos(angles)[:, None], np.sin(angles)[:, None]  # (A, 1)
+    rotated = np.stack([cos * src_c[:, 0] - sin * src_c[:, 1], sin * src_c[:, 0] + cos * src_c[:, 1]], -1)  # (A, K, 2)
+    scale = np.maximum(0.0, (rotated * dst_c).sum((1, 2)) / (src_c**2).sum())[:, None, None]  # (A, 1, 1)
+    return float(((scale * rotated - dst_c) ** 2).sum((1, 2)).min())
 
 
-def test_similarity_transform_excludes_reflection():
+def test_similarity_transform_is_the_least_squares_similarity_without_reflection():
     rng = np.random.default_rng(1)
     src = rng.uniform(-50, 50, size=(6, 2))
-    mirrored = src * np.array([-1.0, 1.0])  # best fit would be a reflection
-    matrix = similarity_transform(src, mirrored)
-    assert np.linalg.det(matrix[:, :2]) > 0
-    np.testing.assert_allclose(matrix, _skimage_similarity(src, mirrored), atol=1e-9)
+    for dst in (src * np.array([-1.0, 1.0]), transform_points(_similarity(1.7, 40.0, 3, 4), src) + rng.normal(0, 3, src.shape)):
+        matrix = similarity_transform(src, dst)
+        assert np.linalg.det(matrix[:, :2]) > 0  # a rotation, never a reflection
+        residual = ((transform_points(matrix, src) - dst) ** 2).sum()
+        assert residual <= _best_residual_over_rotations(src, dst) + 1e-6
 
 
 def test_similarity_transform_rejects_degenerate_input():
@@ -252,6 +256,136 @@ def test_cli_detector_path_with_stub_insightface(tmp_path, monkeypatch, astronau
     np.testing.assert_allclose(load_array(out / "astronaut.npy", (3, 112, 112)), expected, atol=0.01)
 
 
+def _stub_insightface(monkeypatch, downloads: list) -> None:
+    """Install a stand-in insightface: SCRFD from `_FakeSCRFD`, a download that records its call."""
+
+    def ensure_available(sub_dir, name, root):
+        downloads.append((sub_dir, name, root))
+        pack = Path(root) / sub_dir / name / name  # insightface's zip holds the pack folder itself
+        pack.mkdir(parents=True)
+        (pack / "scrfd_10g_bnkps.onnx").write_bytes(b"")
+        return str(pack.parent)
+
+    fake = types.ModuleType("insightface")
+    fake.model_zoo = types.SimpleNamespace(get_model=lambda path, providers: _FakeSCRFD())
+    utils = types.ModuleType("insightface.utils")
+    utils.storage = types.SimpleNamespace(ensure_available=ensure_available)
+    monkeypatch.setitem(sys.modules, "insightface", fake)
+    monkeypatch.setitem(sys.modules, "insightface.utils", utils)
+
+
+def test_scrfd_downloads_its_pack_only_when_allowed(tmp_path, monkeypatch, astronaut_bgr):
+    downloads = []
+    _stub_insightface(monkeypatch, downloads)
+    cv2.imwrite(str(tmp_path / "astronaut.png"), astronaut_bgr)
+    pack = tmp_path / "insightface" / "models" / "antelopev2"
+    args = ["--input", str(tmp_path / "astronaut.png"), "--out", str(tmp_path / "out"), "--detector-dir", str(pack)]
+
+    assert main(args) == 2  # no pack, no permission to download: a clear error, nothing fetched
+    assert downloads == [] and not (tmp_path / "out").exists()
+
+    assert main([*args, "--allow-download"]) == 0
+    assert downloads == [("models", "antelopev2", str(tmp_path / "insightface"))]
+    # The pack nested one folder deeper (as insightface's zip unpacks) is found.
+    report = json.loads((tmp_path / "out" / "preprocess_report.json").read_text())
+    assert report["detector"] == "scrfd" and [item["name"] for item in report["processed"]] == ["astronaut"]
+
+    with pytest.raises(InputError, match="<root>/models/<pack name>"):
+        InsightFaceDetector(tmp_path / "elsewhere", allow_download=True)
+
+
+def test_scrfd_options_need_the_scrfd_detector(tmp_path):
+    for extra in (["--detector", "mtcnn", "--allow-download"], ["--keypoints", "k.json", "--detector-dir", "d"]):
+        with pytest.raises(SystemExit) as stop:
+            main(["--input", str(tmp_path), "--out", str(tmp_path / "out"), *extra])
+        assert stop.value.code == 2
+
+
+# --------------------------------------------------------------------------- MTCNN, the default detector
+
+
+@pytest.fixture(scope="module")
+def mtcnn() -> MTCNNDetector:
+    return MTCNNDetector()
+
+
+def _assert_matches_hand_keypoints(kps: np.ndarray, truth: np.ndarray) -> None:
+    """Within 15% of the inter-ocular distance of every hand-measured keypoint (MTCNN's accuracy is ~5-10%)."""
+    tolerance = 0.15 * np.linalg.norm(truth[1] - truth[0])
+    assert np.abs(kps - truth).max() < tolerance, (kps, truth)
+
+
+def test_mtcnn_finds_the_astronaut_face(mtcnn, astronaut_bgr):
+    boxes, scores, kps = mtcnn.detect(astronaut_bgr)
+
+    assert boxes.shape == (1, 4) and kps.shape == (1, 5, 2) and scores[0] > 0.9
+    box, (left_eye, right_eye, nose, mouth_left, mouth_right) = boxes[0], kps[0]
+    # Plausible placement: eyes above the nose above the mouth, left before right, all inside the face box.
+    assert max(left_eye[1], right_eye[1]) < nose[1] < min(mouth_left[1], mouth_right[1])
+    assert left_eye[0] < nose[0] < right_eye[0] and mouth_left[0] < nose[0] < mouth_right[0]
+    assert (kps[0] > box[:2]).all() and (kps[0] < box[2:]).all()
+    _assert_matches_hand_keypoints(kps[0], ASTRONAUT_KPS)
+    assert _box_iou(box, ASTRONAUT_BOX) > 0.7
+
+
+def test_mtcnn_on_a_mirrored_and_a_large_photo(mtcnn, astronaut_bgr):
+    width = astronaut_bgr.shape[1]
+    _, _, kps = mtcnn.detect(np.ascontiguousarray(astronaut_bgr[:, ::-1]))
+    assert kps.shape == (1, 5, 2)
+    # Mirrored back, the image-left eye of the mirror is the astronaut's image-right eye, etc.
+    unmirrored = np.stack([width - 1 - kps[0, :, 0], kps[0, :, 1]], axis=1)[[1, 0, 2, 4, 3]]
+    _assert_matches_hand_keypoints(unmirrored, ASTRONAUT_KPS)
+
+    large = cv2.resize(astronaut_bgr, None, fx=3, fy=3, interpolation=cv2.INTER_CUBIC)  # 1536 px > max_side
+    assert max(large.shape[:2]) > mtcnn.max_side
+    boxes, _, kps = mtcnn.detect(large)
+    assert kps.shape == (1, 5, 2)
+    _assert_matches_hand_keypoints(kps[0] / 3, ASTRONAUT_KPS)  # returned in the large photo's pixels
+    assert _box_iou(boxes[0] / 3, ASTRONAUT_BOX) > 0.7
+
+
+def test_mtcnn_finds_no_face_where_there_is_none(mtcnn):
+    for photo in (skimage.data.coffee()[:, :, ::-1], np.full((300, 400, 3), 128, np.uint8)):
+        boxes, scores, kps = mtcnn.detect(np.ascontiguousarray(photo))
+        assert boxes.shape == (0, 4) and scores.shape == (0,) and kps.shape == (0, 5, 2)
+
+
+def test_cli_default_detector_from_photos_to_crops(tmp_path, astronaut_bgr):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    cv2.imwrite(str(photos / "astronaut.jpg"), astronaut_bgr)
+    cv2.imwrite(str(photos / "coffee.png"), skimage.data.coffee()[:, :, ::-1])
+    out = tmp_path / "crops"
+
+    assert main(["--input", str(photos), "--out", str(out)]) == 1  # the coffee cup has no face
+
+    report = json.loads((out / "preprocess_report.json").read_text())
+    assert report["detector"] == "mtcnn" and report["interrupted"] is False
+    assert [item["name"] for item in report["processed"]] == ["astronaut"]
+    assert "no face found" in report["failed"][0]["reason"] and report["failed"][0]["image"].endswith("coffee.png")
+    assert (out / "list.txt").read_text() == "astronaut\n"
+    assert cv2.imread(str(out / "astronaut.jpg")).shape == (224, 224, 3)
+    arcface = load_array(out / "astronaut.npy", (3, 112, 112))
+    # The crop is aligned on the face: it places the face within 3 crop pixels of where the
+    # alignment on the hand-measured keypoints places it.
+    detected = np.array(report["processed"][0]["kps5"])
+    by_hand = transform_points(similarity_transform(ASTRONAUT_KPS, ARCFACE_TEMPLATE), ASTRONAUT_KPS)
+    by_detector = transform_points(similarity_transform(detected, ARCFACE_TEMPLATE), ASTRONAUT_KPS)
+    assert np.abs(by_detector - by_hand).max() < 3
+    # and it is the crop those keypoints give, written as the ArcFace input (jpg-decoding tolerance).
+    expected = prepare_face(cv2.imread(str(photos / "astronaut.jpg")), detected, report["processed"][0]["box"])
+    assert np.abs(arcface - expected.arcface).mean() < 0.01
+    assert not (out / "coffee.jpg").exists() and not (out / "coffee.npy").exists()
+
+
+def test_run_api_returns_the_report(tmp_path, astronaut_bgr):
+    cv2.imwrite(str(tmp_path / "astronaut.png"), astronaut_bgr)
+    report = run(tmp_path / "astronaut.png", tmp_path / "crops")
+    assert report == json.loads((tmp_path / "crops" / "preprocess_report.json").read_text())
+    assert report["failed"] == [] and report["processed"][0]["score"] > 0.9
+    _assert_matches_hand_keypoints(np.array(report["processed"][0]["kps5"]), ASTRONAUT_KPS)
+
+
 # --------------------------------------------------------------------------- keypoint files
 
 
@@ -323,7 +457,8 @@ def test_cli_keeps_going_and_reports_failures(tmp_path, astronaut_bgr):
     keypoints.write_text(json.dumps(entries))
     out = tmp_path / "out"
 
-    assert main(["--input", str(images), "--out", str(out), "--keypoints", str(keypoints)]) == 0
+    # Exit status 1: some images failed, the others were processed.
+    assert main(["--input", str(images), "--out", str(out), "--keypoints", str(keypoints)]) == 1
 
     assert (out / "list.txt").read_text().split() == ["a", "b"]
     for name in ("a", "b"):
@@ -368,7 +503,7 @@ def test_cli_duplicate_names_and_empty_input(tmp_path):
     keypoints = tmp_path / "kps.json"
     keypoints.write_text(json.dumps({"face": {"kps": (ARCFACE_TEMPLATE / 2).tolist()}}))
 
-    assert main(["--input", str(listing), "--out", str(tmp_path / "out"), "--keypoints", str(keypoints)]) == 0
+    assert main(["--input", str(listing), "--out", str(tmp_path / "out"), "--keypoints", str(keypoints)]) == 1
     report = json.loads((tmp_path / "out" / "preprocess_report.json").read_text())
     assert [item["name"] for item in report["processed"]] == ["face"]
     assert "'face' already used by" in report["failed"][0]["reason"]
