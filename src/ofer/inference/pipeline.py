@@ -76,14 +76,14 @@ class OferPipeline:
             ckpt = read_checkpoint(path)
             stage_cfg = checkpoint_config(ckpt, fallback)
             stages[name] = (stage_cfg, ckpt, path)
-        front_idx = load_front_indices(cfg.model.front_indices_path)
         idgen = DiffusionStage(stages["idgen"][0], load_weights=False)
         expgen = DiffusionStage(stages["expgen"][0], load_weights=False)
+        flame = FLAME(cfg.model.flame_model_path, n_shape=idgen.flame_dim, n_exp=expgen.flame_dim - 3,
+                      landmark_embedding_path=cfg.model.flame_lmk_embedding_path)
+        front_idx = load_front_indices(cfg.model.front_indices_path, flame.num_vertices)
         idrank = IdRank(stages["idrank"][0], shape_dim=3 * len(front_idx), load_weights=False)
         for module, (_, ckpt, path) in zip((idgen, expgen, idrank), stages.values()):
             load_state(ckpt, module, path)
-        flame = FLAME(cfg.model.flame_model_path, n_shape=idgen.flame_dim, n_exp=expgen.flame_dim - 3,
-                      landmark_embedding_path=cfg.model.flame_lmk_embedding_path)
         return cls(idgen, idrank, expgen, flame, front_idx, cfg.test, cfg.model.jaw_scale, device)
 
     @torch.no_grad()
