@@ -58,3 +58,60 @@ def test_every_shipped_config_loads():
     for path in files:
         load_config(path)
 
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.checkpoint_steps=0", "'train.checkpoint_steps': 0 is out of range; allowed: >= 1"),
+    ("dataset.batch_size=0", "'dataset.batch_size': 0 is out of range; allowed: >= 1"),
+    ("net.dims=[300, -1, 10]", "'net.dims[1]': -1 is out of range; allowed: >= 1"),
+    ("train.max_steps=-3", "'train.max_steps': -3 is out of range; allowed: >= 1"),
+    ("train.diff_lr=0", "'train.diff_lr': 0.0 is out of range; allowed: > 0"),
+    ("train.ema_decay=1.0", "'train.ema_decay': 1.0 is out of range; allowed: [0, 1)"),  # Optional: range, not type
+    ("dataset.occlusion.prob=1.5", "'dataset.occlusion.prob': 1.5 is out of range; allowed: [0, 1]"),
+    ("varsched.beta_T=1", "'varsched.beta_T': 1.0 is out of range; allowed: (0, 1)"),
+    ("test.numsamples=0", "'test.numsamples': 0 is out of range; allowed: >= 1"),
+    ("test.steps=0", "'test.steps': 0 is out of range; allowed: >= 1"),
+    ("train.lr_factor=.nan", "'train.lr_factor': nan is out of range; allowed: (0, 1)"),
+    ("train.grad_clip=.inf", "'train.grad_clip': inf is out of range; allowed: > 0"),
+])
+def test_out_of_range_values_name_key_value_and_range(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert str(err.value) == f"config key {message}"
+
+
+def test_boundary_values_are_accepted():
+    cfg = load_config(None, ["train.checkpoint_steps=1", "train.ema_decay=0.0", "dataset.occlusion.prob=1",
+                             "dataset.num_workers=0", "train.lr_patience=0", "test.eta=1"])
+    assert cfg.train.checkpoint_steps == 1 and cfg.dataset.occlusion.prob == 1.0
+
+
+def test_every_default_lies_in_its_range():
+    from ofer.config import Config, config_from_dict, config_to_dict
+
+    assert config_from_dict(config_to_dict(Config())) == Config()
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["net.dims=[10, 64, 32]"], r"'net.dims'.*start with net.flame_dim \(300\)"),
+    (["net.flame_dim=10", "net.dims=[10]"], r"'net.dims'.*at least 2 entries"),
+    (["net.flame_dim=10", "net.dims=[10, 5]"], r"'net.flame_dim': 10 must equal model.n_shape \(300\)"),
+    (["stage=expgen", "model.n_exp=10"], r"'net.flame_dim': 300 must equal model.n_exp \+ 3 \(13\)"),
+    (["varsched.beta_1=0.02"], r"'varsched.beta_1': 0.02 must not exceed varsched.beta_T"),
+    (["dataset.occlusion.min_area=0.4"], r"min_area.*must not exceed dataset.occlusion.max_area"),
+    (["varsched.num_steps=10", "test.steps=20"], r"'test.steps': 20 exceeds varsched.num_steps \(10\)"),
+])
+def test_keys_that_must_agree_are_checked_together(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, overrides)
+
+
+def test_train_cli_reports_a_bad_setting_like_a_bad_key(tmp_path, caplog):
+    from ofer.train.cli import main
+
+    path = tmp_path / "c.yml"
+    path.write_text("stage: idgen\ntrain:\n  checkpoint_steps: 0\n")
+    with pytest.raises(SystemExit) as code:
+        main("idgen", ["--cfg", str(path)])
+    assert code.value.code == 2
+    assert f"{path}: config key 'train.checkpoint_steps': 0 is out of range; allowed: >= 1" in caplog.text

@@ -1,10 +1,17 @@
 """The shared trainer: every stage trains a few steps, and a resumed run equals an uninterrupted one."""
 
+import os
+import socket
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
 
 from conftest import demo_config
 from ofer.checkpoints import read_checkpoint
+from ofer.config import config_to_dict
+from ofer.io import InputError
 from ofer.train.trainer import StepBatchSampler, Trainer
 
 FAST = ["train.val_steps=3", "train.checkpoint_steps=3", "train.val_batches=1", "train.log_steps=1",
@@ -59,3 +66,113 @@ def test_step_batches_are_reproducible():
     b = list(StepBatchSampler(10, 4, seed=3, start_step=2, max_steps=5))
     assert a[2:] == b
     assert [s for s, _ in a[4]] == [4] * 4
+
+
+def _train_one_rank(rank: int, world_size: int, port: int, cfg, out: Path) -> None:
+    """A torchrun-like worker: join the gloo group, train, write this rank's weights and LRs."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    trainer = Trainer(cfg)
+    trainer.fit()
+    torch.save({"net": trainer.task.model.state_dict(), "lrs": [g["lr"] for g in trainer.optimizer.param_groups],
+                "best": trainer.best}, out / f"rank{rank}.pt")
+
+
+def test_two_ranks_keep_identical_learning_rates_and_weights(synthetic_root, tmp_path):
+    """Without a validation set the plateau scheduler steps on the training loss; each rank sees
+    other batches, so only the loss averaged over ranks keeps their LRs (and weights) equal."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cfg = demo_config("idgen", synthetic_root, tmp_path / "run", "dataset.validation_data=[]", "train.max_steps=5",
+                      "train.val_steps=1", "train.lr_patience=0", "train.checkpoint_steps=5", "train.ema_decay=null",
+                      "train.device=cpu")
+    torch.multiprocessing.spawn(_train_one_rank, args=(2, port, cfg, tmp_path), nprocs=2)
+    a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert a["lrs"] == b["lrs"] and a["best"] == b["best"]
+    assert min(a["lrs"]) < cfg.train.arcface_lr  # the scheduler did act (patience 0), so equality means something
+    assert all(torch.equal(a["net"][k], b["net"][k]) for k in a["net"])
+    assert (tmp_path / "run" / "last.tar").is_file()
+
+
+class _Killed(Exception):
+    """Stands for a kill -9 right after a checkpoint was written."""
+
+
+def test_resumed_run_keeps_the_same_best_without_validation(synthetic_root, tmp_path, monkeypatch):
+    """`best` then follows the mean training loss since the last validation; a resume must see all of it."""
+    decided: list[float] = []  # the values the LR scheduler (and `best`) were given
+    plateau_step = torch.optim.lr_scheduler.ReduceLROnPlateau.step
+
+    def recording_step(self, metrics, *args, **kwargs):
+        decided.append(float(metrics))
+        return plateau_step(self, metrics, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.lr_scheduler.ReduceLROnPlateau, "step", recording_step)
+    opts = ["dataset.validation_data=[]", "train.max_steps=4", "train.val_steps=2", "train.checkpoint_steps=1"]
+    Trainer(demo_config("idgen", synthetic_root, tmp_path / "a", *opts)).fit()
+    straight, decided[:] = list(decided), []
+
+    save = Trainer.save
+
+    def save_then_kill(self, name):
+        path = save(self, name)
+        if self.step == 3:  # killed inside a validation window: step 3's loss is only in last.tar
+            raise _Killed
+        return path
+
+    monkeypatch.setattr(Trainer, "save", save_then_kill)
+    with pytest.raises(_Killed):
+        Trainer(demo_config("idgen", synthetic_root, tmp_path / "b", *opts)).fit()
+    monkeypatch.setattr(Trainer, "save", save)
+    Trainer(demo_config("idgen", synthetic_root, tmp_path / "b", *opts), resume=True).fit()
+    assert decided == straight and len(straight) == 2
+    a, b = (read_checkpoint(tmp_path / run / "best.tar") for run in ("a", "b"))
+    assert (a["step"], a["best"]) == (b["step"], b["best"])
+    assert all(torch.equal(a["net"][k], b["net"][k]) for k in a["net"])
+
+
+def test_start_removes_only_our_interrupted_checkpoint_writes(synthetic_root, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    ours = [out / ".last.k2_9abcd.tar", out / ".best.0123wxyz.tar"]  # atomic_write names: .<stem>.<8 random>.tar
+    others = [out / ".last.tar.bak", out / ".last.toolongname.tar", out / "notes.last.abcdefgh.tar",
+              out / ".other.abcdefgh.tar", out / "last.tar"]
+    for path in ours + others:
+        path.write_bytes(b"partial")
+    Trainer(demo_config("idgen", synthetic_root, out, "dataset.validation_data=[]"))
+    assert not any(p.exists() for p in ours)
+    assert all(p.read_bytes() == b"partial" for p in others)
+
+
+def test_failed_checkpoint_write_names_the_file_and_keeps_the_previous_one(synthetic_root, tmp_path, monkeypatch,
+                                                                           caplog):
+    from ofer.train.cli import main
+
+    out = tmp_path / "run"
+    cfg_path = tmp_path / "idgen.yml"
+    cfg_path.write_text(yaml.safe_dump(config_to_dict(demo_config("idgen", synthetic_root, out, "dataset.validation_data=[]"))))
+    argv = ["--cfg", str(cfg_path), "--opt", "train.checkpoint_steps=1"]
+    main("idgen", [*argv, "--opt", "train.max_steps=1"])
+    before = {name: (out / name).read_bytes() for name in ("best.tar", "last.tar")}
+
+    def disk_full(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 4096 vs 1024")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(SystemExit) as code:
+        main("idgen", [*argv, "--opt", "train.max_steps=2", "--resume"])
+    assert code.value.code == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors == [f"{out / 'best.tar'}: could not be written ([enforce fail at inline_container.cc:603] . "
+                      "unexpected pos 4096 vs 1024); the previous best.tar is intact"]  # best.tar is written first
+    assert {name: (out / name).read_bytes() for name in before} == before
+    assert sorted(p.name for p in out.glob(".*.tar")) == []  # the partial temporary file is gone
+
+
+def test_unwritable_output_dir_is_refused_before_any_work(synthetic_root, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(InputError, match=r"file/run: train.output_dir cannot be written"):
+        Trainer(demo_config("idgen", synthetic_root, blocker / "run"))

@@ -214,7 +214,10 @@ def _check_schedule(schedule: nn.Module, state: dict[str, torch.Tensor], path: P
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, **extra: Any) -> None:
-    """Write the model parts under the original keys, plus `extra` entries, atomically."""
+    """Write the model parts under the original keys, plus `extra` entries, atomically.
+
+    A failed write raises `ofer.io.WriteError` naming `path`; an older file at `path` is kept.
+    """
     ckpt: dict[str, Any] = {"format": FORMAT}
     for key in MODULE_KEYS:
         part = getattr(model, key, None)
@@ -222,4 +225,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, **extra: Any) -> None:
             ckpt[key] = {k: v.detach().cpu() for k, v in part.state_dict().items()}
     ckpt.update(extra)
     with atomic_write(path) as tmp:
-        torch.save(ckpt, tmp)
+        try:
+            torch.save(ckpt, tmp)
+        except RuntimeError as err:  # torch reports a failed write (disk full) as "enforce fail at inline_container.cc"
+            raise OSError(str(err)) from err

@@ -2,7 +2,9 @@
 
 A stage config is a YAML file whose sections mirror the dataclasses below. Loading checks
 every key against the schema (an unknown key is an error naming the key and the closest
-valid one) and every value against its declared type. Command-line overrides use dotted
+valid one), every value against its declared type and numeric values against their `Range`
+(``Annotated[int, Range(low=1)]``), then the rules that tie keys together
+(`_check_consistency`, e.g. ``net.dims[0] == net.flame_dim``). Command-line overrides use dotted
 paths: ``--opt train.diff_lr=1e-4 --opt dataset.training_data=[LYHM,FLORENCE]``.
 
 Key names follow the original OFER/MICA configs where the method defines them
@@ -14,17 +16,57 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 
 
 class ConfigError(ValueError):
     """A configuration file or override is invalid (unknown key, wrong type, bad value)."""
+
+
+class RangeError(ConfigError):
+    """A numeric config value of the right type lies outside its allowed range."""
+
+
+@dataclass(frozen=True)
+class Range:
+    """The interval a numeric config value must lie in (a bound of None is open-ended).
+
+    Used as ``Annotated[int, Range(low=1)]``; `low_open`/`high_open` exclude the bound itself.
+    """
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        if not math.isfinite(value):  # nan/inf (YAML .nan, .inf) are in no range
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        if self.low is None:
+            return f"{'<' if self.high_open else '<='} {self.high:g}"
+        return f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+Count = Annotated[int, Range(low=1)]  # sizes, step counts, intervals
+NonNegative = Annotated[int, Range(low=0)]
+Positive = Annotated[float, Range(low=0, low_open=True)]  # learning rates, clip norms
+Probability = Annotated[float, Range(low=0, high=1)]
+Beta = Annotated[float, Range(low=0, high=1, low_open=True, high_open=True)]
+Seed = Annotated[int, Range(low=0)]  # numpy seeds must be non-negative
 
 
 # ----------------------------------------------------------------------------- schema
@@ -34,10 +76,10 @@ class ConfigError(ValueError):
 class NetConfig:
     """The denoiser (IdGen/ExpGen) or ranker (IdRank) network."""
 
-    flame_dim: int = 300  # D: 300 shape (IdGen) or 50 expression + 3 jaw (ExpGen)
-    context_dim: int = 512  # C: 512 ArcFace (IdGen), 1024 FaRL+ArcFace (ExpGen, IdRank)
-    dims: list[int] = field(default_factory=lambda: [300, 50, 10])
-    numqkv: int = 16
+    flame_dim: Count = 300  # D: 300 shape (IdGen) or 50 expression + 3 jaw (ExpGen)
+    context_dim: Count = 512  # C: 512 ArcFace (IdGen), 1024 FaRL+ArcFace (ExpGen, IdRank)
+    dims: list[Count] = field(default_factory=lambda: [300, 50, 10])
+    numqkv: Count = 16
     losstype: Literal["l1", "mse"] = "l1"
 
 
@@ -45,9 +87,9 @@ class NetConfig:
 class VarSchedConfig:
     """Linear beta schedule of the diffusion models (SPEC §5)."""
 
-    num_steps: int = 1000
-    beta_1: float = 1e-4
-    beta_T: float = 1e-2
+    num_steps: Annotated[int, Range(low=2)] = 1000
+    beta_1: Beta = 1e-4
+    beta_T: Beta = 1e-2
 
 
 @dataclass
@@ -57,14 +99,14 @@ class ModelConfig:
     flame_model_path: str = "pretrained/FLAME2020/generic_model.pkl"
     flame_lmk_embedding_path: str = "pretrained/FLAME2020/landmark_embedding.npy"
     front_indices_path: str = "checkpoint/frontindices.npy"
-    n_shape: int = 300
-    n_exp: int = 50
+    n_shape: Annotated[int, Range(low=1, high=300)] = 300  # FLAME files hold 300 identity columns
+    n_exp: NonNegative = 50
     expencoder: Literal["arcface", "farl", "arcfarl"] = "arcface"
     tiny_encoders: bool = False  # small CPU encoders with the same output sizes
     arcface_weights: Optional[str] = "pretrained/arcface/backbone.pth"
     farl_weights: Optional[str] = "pretrained/FaRL-Base-Patch16-LAIONFace20M-ep64.pth"
     with_freeze: Literal["l4", "l3", "l2", "none"] = "l4"
-    jaw_scale: float = 0.5  # ExpGen: sampled jaw pose is scaled before FLAME (original: 0.5)
+    jaw_scale: Annotated[float, Range(low=0)] = 0.5  # ExpGen: sampled jaw pose is scaled before FLAME (original: 0.5)
 
 
 @dataclass
@@ -72,9 +114,9 @@ class OcclusionConfig:
     """Our occlusion augmentation (the original has none; SPEC §8)."""
 
     enabled: bool = False
-    prob: float = 0.5
-    min_area: float = 0.05
-    max_area: float = 0.35
+    prob: Probability = 0.5
+    min_area: Annotated[float, Range(low=0, high=0.5, low_open=True)] = 0.05
+    max_area: Annotated[float, Range(low=0, high=0.5, low_open=True)] = 0.35
     kinds: list[str] = field(default_factory=lambda: ["rectangle", "ellipse", "hand", "texture"])
 
 
@@ -87,9 +129,9 @@ class DatasetConfig:
     validation_data: list[str] = field(default_factory=list)
     list_dir: str = "image_paths"
     params_dir: str = "FLAME_parameters"  # FLAME23_parameters for the OFER layout
-    n_images: int = 4  # images drawn per actor (with replacement)
-    batch_size: int = 8  # actors per batch
-    num_workers: int = 2
+    n_images: Count = 4  # images drawn per actor (with replacement)
+    batch_size: Count = 8  # actors per batch
+    num_workers: NonNegative = 2
     on_bad_sample: Literal["raise", "skip"] = "raise"
     occlusion: OcclusionConfig = field(default_factory=OcclusionConfig)
 
@@ -100,31 +142,31 @@ class IdRankTrainConfig:
 
     idgen_checkpoint: str = "checkpoint/model_idgen_flame20.tar"
     idgen_config: str = "configs/idgen_flame20.yml"  # used when the checkpoint carries no config
-    numsamples: int = 100
+    numsamples: Annotated[int, Range(low=2)] = 100  # ListNet needs at least 2 samples to rank
     sampling: Literal["ddpm", "ddim", "ddim_legacy"] = "ddpm"
-    steps: Optional[int] = None
+    steps: Optional[Count] = None
 
 
 @dataclass
 class TrainConfig:
     """Optimisation, logging and checkpointing."""
 
-    diff_lr: float = 1e-4
-    arcface_lr: float = 1e-5
-    farl_lr: float = 1e-5
-    rank_lr: float = 1e-6
-    weight_decay: float = 0.0
-    max_steps: int = 100000
-    log_steps: int = 50
-    val_steps: int = 1000
-    checkpoint_steps: int = 1000
-    val_batches: int = 4
-    grad_clip: Optional[float] = None
-    ema_decay: Optional[float] = None
+    diff_lr: Positive = 1e-4
+    arcface_lr: Positive = 1e-5
+    farl_lr: Positive = 1e-5
+    rank_lr: Positive = 1e-6
+    weight_decay: Annotated[float, Range(low=0)] = 0.0
+    max_steps: Count = 100000
+    log_steps: Count = 50
+    val_steps: Count = 1000
+    checkpoint_steps: Count = 1000
+    val_batches: Count = 4
+    grad_clip: Optional[Positive] = None
+    ema_decay: Optional[Annotated[float, Range(low=0, high=1, high_open=True)]] = None
     amp: bool = True  # mixed precision, used only on CUDA
-    lr_patience: int = 10  # ReduceLROnPlateau, counted in validations
-    lr_factor: float = 0.5
-    seed: int = 0
+    lr_patience: NonNegative = 10  # ReduceLROnPlateau, counted in validations
+    lr_factor: Annotated[float, Range(low=0, high=1, low_open=True, high_open=True)] = 0.5
+    seed: Seed = 0
     output_dir: str = "output/run"
     device: str = "auto"
 
@@ -133,15 +175,15 @@ class TrainConfig:
 class TestConfig:
     """Sampling at test time (SPEC §7, §11)."""
 
-    numsamples: int = 100  # N shape samples for IdRank
-    num_expressions: int = 100  # M expression samples
-    num_saved_expressions: int = 15
+    numsamples: Count = 100  # N shape samples for IdRank
+    num_expressions: Count = 100  # M expression samples
+    num_saved_expressions: NonNegative = 15
     sampling: Literal["ddpm", "ddim", "ddim_legacy"] = "ddim_legacy"  # IdGen
-    steps: Optional[int] = None
-    eta: float = 0.0
+    steps: Optional[Count] = None
+    eta: Probability = 0.0
     exp_sampling: Literal["ddpm", "ddim", "ddim_legacy"] = "ddpm"  # ExpGen
-    exp_steps: Optional[int] = None
-    seed: int = 0
+    exp_steps: Optional[Count] = None
+    seed: Seed = 0
     # ArcFace's final BN1d where the original encodes one image alone (IdRank's context): "skip"
     # as the original's forward does on a batch of one, "apply" as in training, "auto" = "skip"
     # for original checkpoints and "apply" for ours (see ofer.encoders.arcface).
@@ -172,6 +214,8 @@ class Config:
 
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
+    if origin is Annotated:
+        return _type_name(typing.get_args(tp)[0])
     if origin is Literal:
         return " | ".join(repr(a) for a in typing.get_args(tp))
     if origin in (Union, types.UnionType):
@@ -182,8 +226,15 @@ def _type_name(tp: Any) -> str:
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check `value` against type `tp` and return it (ints are accepted where floats are)."""
+    """Check `value` against type `tp` (and its Range) and return it (ints are accepted where floats are)."""
     origin = typing.get_origin(tp)
+    if origin is Annotated:
+        base, *extras = typing.get_args(tp)
+        value = _coerce(value, base, where)
+        for bound in extras:
+            if isinstance(bound, Range) and value not in bound:
+                raise RangeError(f"config key '{where}': {value!r} is out of range; allowed: {bound}")
+        return value
     if origin is Literal:
         if value in typing.get_args(tp):
             return value
@@ -191,6 +242,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         for option in typing.get_args(tp):
             try:
                 return _coerce(value, option, where)
+            except RangeError:
+                raise  # the type fits this option: report the range, not the type
             except ConfigError:
                 continue
     elif origin is list:
@@ -221,7 +274,7 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
     """Instantiate dataclass `cls` from a (partial) dict, validating keys and types."""
     if not isinstance(data, dict):
         raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in data.items():
@@ -235,6 +288,38 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
         else:
             kwargs[key] = _coerce(value, tp, f"{prefix}{key}")
     return cls(**kwargs)
+
+
+def _check_consistency(cfg: Config) -> None:
+    """Cross-field rules that single-key ranges cannot express."""
+    net, model = cfg.net, cfg.model
+    if len(net.dims) < 2 or net.dims[0] != net.flame_dim:
+        raise ConfigError(f"config key 'net.dims': {net.dims!r} must have at least 2 entries and start with "
+                          f"net.flame_dim ({net.flame_dim})")
+    if cfg.stage == "idgen" and net.flame_dim != model.n_shape:
+        raise ConfigError(f"config key 'net.flame_dim': {net.flame_dim} must equal model.n_shape ({model.n_shape}) "
+                          "for IdGen, which diffuses the shape coefficients")
+    if cfg.stage == "expgen" and net.flame_dim != model.n_exp + 3:
+        raise ConfigError(f"config key 'net.flame_dim': {net.flame_dim} must equal model.n_exp + 3 "
+                          f"({model.n_exp + 3}) for ExpGen, which diffuses expression and jaw coefficients")
+    if cfg.varsched.beta_1 > cfg.varsched.beta_T:
+        raise ConfigError(f"config key 'varsched.beta_1': {cfg.varsched.beta_1!r} must not exceed "
+                          f"varsched.beta_T ({cfg.varsched.beta_T!r})")
+    occlusion = cfg.dataset.occlusion
+    if occlusion.min_area > occlusion.max_area:
+        raise ConfigError(f"config key 'dataset.occlusion.min_area': {occlusion.min_area!r} must not exceed "
+                          f"dataset.occlusion.max_area ({occlusion.max_area!r})")
+    # Validation during training samples with the stage's own schedule: steps cannot exceed it.
+    own_steps = {"idgen": ("test.steps", cfg.test.steps), "expgen": ("test.exp_steps", cfg.test.exp_steps)}
+    key, steps = own_steps.get(cfg.stage, ("", None))
+    if steps is not None and steps > cfg.varsched.num_steps:
+        raise ConfigError(f"config key '{key}': {steps} exceeds varsched.num_steps ({cfg.varsched.num_steps})")
+
+
+def _build_config(data: dict) -> Config:
+    cfg = _build(Config, data, "")
+    _check_consistency(cfg)
+    return cfg
 
 
 def _merge(base: dict, update: dict) -> dict:
@@ -277,14 +362,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for text in overrides or []:
         data = _merge(data, parse_override(text))
     try:
-        return _build(Config, data, "")
+        return _build_config(data)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}" if path is not None else str(err)) from None
 
 
 def config_from_dict(data: dict) -> Config:
     """Validate a plain dict (e.g. the config saved in a checkpoint) into a Config."""
-    return _build(Config, data, "")
+    return _build_config(data)
 
 
 def config_to_dict(cfg: Any) -> dict:

@@ -7,6 +7,7 @@ leaves a half-written file that a later run would mistake for a finished one.
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import tempfile
 from pathlib import Path
@@ -23,25 +24,57 @@ class InputError(ValueError):
     """A user-provided file is missing, unreadable or has the wrong content."""
 
 
+class WriteError(OSError):
+    """An output file could not be written (disk full, no permission); the old file is kept."""
+
+
+_TEMP_RANDOM = "[a-z0-9_]" * 8  # the random part of a `tempfile.mkstemp` name
+
+
+def _temporary_pattern(path: Path, suffix: str | None = None) -> str:
+    """Glob pattern of the temporary names `atomic_write(path)` uses: `.<stem>.XXXXXXXX<suffix>`."""
+    return glob.escape(f".{path.stem}.") + _TEMP_RANDOM + glob.escape(suffix or path.suffix)
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
 
     The temporary file keeps the target's suffix (or `suffix`) so that libraries choosing
-    a format by extension (OpenCV, numpy) write the right one.
+    a format by extension (OpenCV, numpy) write the right one. An OSError while writing
+    (e.g. a full disk) becomes a `WriteError` naming `path` and saying that a previous
+    version of it, if any, is intact.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=suffix or path.suffix)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
+    existed = path.exists()
+    tmp_path: Path | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=suffix or path.suffix)
+        os.close(fd)
+        tmp_path = Path(tmp)
+        os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
         yield tmp_path
         os.replace(tmp_path, path)
+    except OSError as err:
+        kept = f"the previous {path.name} is intact" if existed else "no file was left there"
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise WriteError(f"{path}: could not be written ({reason}); {kept}") from err
     finally:
-        if tmp_path.exists():
+        if tmp_path is not None and tmp_path.exists():
             tmp_path.unlink()
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files an interrupted `atomic_write(path)` (e.g. a kill) left beside `path`.
+
+    Only names of `atomic_write`'s own pattern for this target are touched. Returns them.
+    """
+    path = Path(path)
+    stale = sorted(p for p in path.parent.glob(_temporary_pattern(path)) if p.is_file())
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+    return stale
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:

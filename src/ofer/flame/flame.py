@@ -18,6 +18,7 @@ from torch import nn
 
 from ofer.flame.lbs import batch_rodrigues, lbs, vertices2landmarks
 from ofer.flame.safe_pickle import load_flame_model, load_landmark_embedding
+from ofer.io import InputError
 
 NUM_IDENTITY_COLUMNS = 300  # FLAME files hold 300 identity columns, then the expression ones
 NOW_LANDMARKS = [36, 39, 42, 45, 33, 48, 54]  # iBUG-68 indices of the 7 NoW landmarks
@@ -56,16 +57,16 @@ class FLAME(nn.Module):
         shapedirs = model["shapedirs"]  # (V,3,K)
         available_exp = shapedirs.shape[-1] - NUM_IDENTITY_COLUMNS
         if not 1 <= n_shape <= NUM_IDENTITY_COLUMNS or shapedirs.shape[-1] < NUM_IDENTITY_COLUMNS:
-            raise ValueError(f"{model_path}: n_shape={n_shape} but the file has {shapedirs.shape[-1]} shape columns")
+            raise InputError(f"{model_path}: n_shape={n_shape} but the file has {shapedirs.shape[-1]} shape columns")
         if not 0 <= n_exp <= available_exp:
-            raise ValueError(f"{model_path}: n_exp={n_exp} but the file has {available_exp} expression columns")
+            raise InputError(f"{model_path}: n_exp={n_exp} but the file has {available_exp} expression columns")
         self.n_shape, self.n_exp = n_shape, n_exp
         self.num_vertices = model["v_template"].shape[0]
 
         parents = model["kintree_table"][0].copy()
         parents[0] = -1  # the file stores the root's parent as 2**32 - 1
         if np.any(parents[1:] >= np.arange(1, len(parents))) or np.any(parents[1:] < 0):
-            raise ValueError(f"{model_path}: key 'kintree_table' is not a tree listed parents-first: {parents}")
+            raise InputError(f"{model_path}: key 'kintree_table' is not a tree listed parents-first: {parents}")
 
         shapedirs = np.concatenate(
             [shapedirs[..., :n_shape], shapedirs[..., NUM_IDENTITY_COLUMNS : NUM_IDENTITY_COLUMNS + n_exp]], axis=-1
@@ -91,7 +92,7 @@ class FLAME(nn.Module):
                 value = value[0] if key.startswith("full_") else value  # (1,68,...) -> (68,...)
                 if key.endswith("faces_idx"):
                     if value.min() < 0 or value.max() >= num_faces:
-                        raise ValueError(
+                        raise InputError(
                             f"{landmark_embedding_path}: key '{key}' indexes faces outside [0, {num_faces}) "
                             f"of {model_path} (landmarks for another FLAME topology?)"
                         )

@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 import scipy.sparse
 
+from ofer.io import InputError
+
 FLAME_DOWNLOAD_HINT = (
     "download FLAME 2020 (generic_model.pkl) or FLAME 2023 from https://flame.is.tue.mpg.de "
     "and put it in pretrained/FLAME/ (or pass its path explicitly)"
@@ -36,7 +38,11 @@ _TORCH_STORAGES = frozenset(
 )
 
 
-class UnsafePickleError(pickle.UnpicklingError):
+class PickleFileError(pickle.UnpicklingError, InputError):
+    """A pickled asset file is truncated, not a pickle, or refused (the message names the file)."""
+
+
+class UnsafePickleError(PickleFileError):
     """A pickle asked for a global outside the allow-list (or tried to modify one)."""
 
 
@@ -184,7 +190,7 @@ def _to_numpy(obj: Any, source: str) -> Any:
     if isinstance(obj, _ChumpyStub):
         state = obj.state
         if not isinstance(state, dict) or "x" not in state:
-            raise ValueError(f"{source}: chumpy object {obj.chumpy_name} has no array state 'x'")
+            raise InputError(f"{source}: chumpy object {obj.chumpy_name} has no array state 'x'")
         return np.asarray(_to_numpy(state["x"], source))
     if isinstance(obj, dict):
         return {key: _to_numpy(value, source) for key, value in obj.items()}
@@ -206,9 +212,22 @@ def _unpickle(file: Any, source: str, plain_data: bool = False) -> Any:
         loaded = (_PlainDataUnpickler if plain_data else _RestrictedUnpickler)(file).load()
     except UnsafePickleError as error:
         raise UnsafePickleError(f"{source}: {error}") from None
-    except (pickle.UnpicklingError, EOFError) as error:
-        raise pickle.UnpicklingError(f"{source}: truncated or not a pickle ({error!r})") from None
+    except Exception as error:  # a malformed pickle makes the unpickler raise many types
+        raise PickleFileError(f"{source}: truncated or not a pickle ({error!r})") from error
     return _to_numpy(loaded, source)
+
+
+def _numeric_array(value: Any, dtype: type, path: Path, key: str) -> np.ndarray:
+    """`value` as a finite numeric array of `dtype`; an InputError naming the file and key otherwise."""
+    if scipy.sparse.issparse(value):
+        value = value.toarray()
+    try:
+        array = np.asarray(value, dtype=dtype)
+    except (ValueError, TypeError) as error:
+        raise InputError(f"{path}: key '{key}' is not a numeric array ({error})") from None
+    if not np.all(np.isfinite(array)):
+        raise InputError(f"{path}: key '{key}' holds NaN or infinite values")
+    return array
 
 
 def load_npy_object(path: str | os.PathLike, plain_data: bool = False) -> Any:
@@ -231,7 +250,7 @@ def load_npy_object(path: str | os.PathLike, plain_data: bool = False) -> Any:
                 raise ValueError(f"unsupported .npy format version {version}")
             _, _, dtype = read_header(file)
         except ValueError as error:
-            raise ValueError(f"{path}: not a valid .npy file ({error})") from error
+            raise InputError(f"{path}: not a valid .npy file ({error})") from error
         if not dtype.hasobject:
             return np.load(path, allow_pickle=False)
         obj = _unpickle(file, str(path), plain_data)
@@ -263,15 +282,12 @@ def load_flame_model(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise FileNotFoundError(f"FLAME model not found at {path}: {FLAME_DOWNLOAD_HINT}")
     raw = load_pickle(path)
     if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a pickled dict (a FLAME model), got {type(raw).__name__}")
+        raise InputError(f"{path}: expected a pickled dict (a FLAME model), got {type(raw).__name__}")
 
     def array(key: str, dtype: type) -> np.ndarray:
         if key not in raw:
-            raise ValueError(f"{path}: missing key '{key}' (not a FLAME model file?)")
-        value = raw[key]
-        if scipy.sparse.issparse(value):
-            value = value.toarray()
-        return np.asarray(value, dtype=dtype)
+            raise InputError(f"{path}: missing key '{key}' (not a FLAME model file?)")
+        return _numeric_array(raw[key], dtype, path, key)
 
     model = {
         "v_template": array("v_template", np.float64),
@@ -295,9 +311,9 @@ def load_flame_model(path: str | os.PathLike) -> dict[str, np.ndarray]:
     }
     for key, shape in expected.items():
         if model[key].shape != shape:
-            raise ValueError(f"{path}: key '{key}' has shape {model[key].shape}, expected {shape}")
+            raise InputError(f"{path}: key '{key}' has shape {model[key].shape}, expected {shape}")
     if model["f"].min() < 0 or model["f"].max() >= num_vertices:
-        raise ValueError(f"{path}: key 'f' has vertex indices outside [0, {num_vertices})")
+        raise InputError(f"{path}: key 'f' has vertex indices outside [0, {num_vertices})")
     return model
 
 
@@ -322,13 +338,13 @@ def load_landmark_embedding(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise FileNotFoundError(f"landmark embedding not found at {path}: it ships with FLAME; {FLAME_DOWNLOAD_HINT}")
     raw = load_npy_object(path)
     if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a pickled dict of landmark arrays, got {type(raw).__name__}")
+        raise InputError(f"{path}: expected a pickled dict of landmark arrays, got {type(raw).__name__}")
     embedding = {}
     for key, shape in LANDMARK_SHAPES.items():
         if key not in raw:
-            raise ValueError(f"{path}: missing key '{key}'")
+            raise InputError(f"{path}: missing key '{key}'")
         dtype = np.int64 if key.endswith("faces_idx") else np.float64
-        embedding[key] = np.asarray(raw[key], dtype=dtype)
+        embedding[key] = _numeric_array(raw[key], dtype, path, key)
         if embedding[key].shape != shape:
-            raise ValueError(f"{path}: key '{key}' has shape {embedding[key].shape}, expected {shape}")
+            raise InputError(f"{path}: key '{key}' has shape {embedding[key].shape}, expected {shape}")
     return embedding

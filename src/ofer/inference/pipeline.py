@@ -78,9 +78,11 @@ class OferPipeline:
             check_stage(ckpt, name, path, slot)
             stage_cfg = checkpoint_config(ckpt, fallback)
             stages[name] = (stage_cfg, ckpt, path)
-        front_idx = load_front_indices(cfg.model.front_indices_path)
         idgen = DiffusionStage(stages["idgen"][0], load_weights=False)
         expgen = DiffusionStage(stages["expgen"][0], load_weights=False)
+        flame = FLAME(cfg.model.flame_model_path, n_shape=idgen.flame_dim, n_exp=expgen.flame_dim - 3,
+                      landmark_embedding_path=cfg.model.flame_lmk_embedding_path)
+        front_idx = load_front_indices(cfg.model.front_indices_path, flame.num_vertices)
         idrank = IdRank(stages["idrank"][0], shape_dim=3 * len(front_idx), load_weights=False)
         # The original encodes IdRank's image alone, IdGen's/ExpGen's once per sample drawn.
         alone = (cfg.test.numsamples == 1, cfg.test.num_expressions == 1, True)
@@ -88,8 +90,6 @@ class OferPipeline:
             load_state(ckpt, module, path)
             configure_single_image_bn(module.arcface, cfg.test.arcface_single_image_bn, is_original(ckpt),
                                       encoded_alone)
-        flame = FLAME(cfg.model.flame_model_path, n_shape=idgen.flame_dim, n_exp=expgen.flame_dim - 3,
-                      landmark_embedding_path=cfg.model.flame_lmk_embedding_path)
         return cls(idgen, idrank, expgen, flame, front_idx, cfg.test, cfg.model.jaw_scale, device)
 
     @torch.no_grad()

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ofer.io import load_array
+from ofer.io import InputError, load_array
 
 IDRANK_HIDDEN_DIMS = (4096, 1024, 256, 64)
 
@@ -85,9 +85,23 @@ class IdRankNet(nn.Module):
         return h.squeeze(-1)  # (B, N, 1) -> (B, N)
 
 
-def load_front_indices(path: str | os.PathLike) -> torch.Tensor:
-    """The front-face vertex indices IdRank uses (1785 for FLAME, `frontindices.npy`) as (K,) long."""
-    return torch.from_numpy(load_array(path, (None,)).astype(np.int64))
+def load_front_indices(path: str | os.PathLike, num_vertices: int) -> torch.Tensor:
+    """The front-face vertex indices IdRank uses (1785 for FLAME, `frontindices.npy`) as (K,) long.
+
+    The file must hold a non-empty list of whole numbers in [0, num_vertices) of the FLAME model
+    in use; anything else is an InputError naming the file (checked at start-up, not mid-run).
+    """
+    array = load_array(path, (None,))
+    if array.size == 0:
+        raise InputError(f"{path}: no front-face vertex indices (empty array)")
+    if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+        raise InputError(f"{path}: expected integer vertex indices, found dtype {array.dtype}")
+    if not np.all(np.isfinite(array)) or np.any(array != np.round(array)):
+        raise InputError(f"{path}: vertex indices must be whole numbers")
+    if array.min() < 0 or array.max() >= num_vertices:
+        raise InputError(f"{path}: vertex indices span [{array.min():g}, {array.max():g}], outside [0, {num_vertices}) "
+                         f"of the FLAME model in use (indices for another topology?)")
+    return torch.from_numpy(array.astype(np.int64))
 
 
 def rank_features(meshes_mm: torch.Tensor, front_idx: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ import logging
 import sys
 
 from ofer.config import ConfigError, load_config
-from ofer.io import InputError
+from ofer.io import InputError, WriteError
 from ofer.train.trainer import Trainer
 
 
@@ -30,4 +30,7 @@ def main(stage: str, argv: list[str] | None = None) -> None:
     except (ConfigError, InputError, FileNotFoundError) as err:  # bad config, data or assets: say which
         log.error("%s", err)
         sys.exit(2)
+    except WriteError as err:  # e.g. disk full during a checkpoint write: which file, and that the old one is kept
+        log.error("%s", err)
+        sys.exit(1)
     log.info("finished; last checkpoint: %s", path)

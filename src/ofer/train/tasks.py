@@ -120,7 +120,8 @@ class IdRankTask(nn.Module):
         self.cfg = cfg
         self.idgen = self._frozen_idgen(cfg)
         self.flame = build_flame(cfg, n_shape=self.idgen.flame_dim)  # the shapes IdGen samples
-        self.register_buffer("front_idx", load_front_indices(cfg.model.front_indices_path), persistent=False)
+        front_idx = load_front_indices(cfg.model.front_indices_path, self.flame.num_vertices)
+        self.register_buffer("front_idx", front_idx, persistent=False)
         self.model = IdRank(cfg, shape_dim=3 * len(self.front_idx))
 
     @staticmethod

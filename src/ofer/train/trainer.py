@@ -2,8 +2,12 @@
 
 Reproducibility and resuming: the batch drawn at step s depends only on (seed, step, rank),
 item randomness (image choice, occlusion) on (seed, step, index), and the model's own
-randomness on the torch RNG, whose state is saved in every checkpoint. A run killed after
-a checkpoint and resumed with ``--resume`` therefore continues exactly (on CPU).
+randomness on the torch RNG, whose state is saved in every checkpoint together with the
+training losses since the last validation. A run killed after a checkpoint and resumed with
+``--resume`` therefore continues exactly (on CPU), down to which `best.tar` it keeps.
+
+Under torchrun every decision taken from a loss (the LR scheduler step, the best checkpoint)
+uses the value averaged over the ranks, so learning rates and weights stay the same on all.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import contextlib
 import logging
 import math
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +33,7 @@ from torch.utils.tensorboard import SummaryWriter
 from ofer.checkpoints import MODULE_KEYS, load_state, read_checkpoint, save_checkpoint
 from ofer.config import Config, config_to_dict
 from ofer.data.datasets import ExpressionDataset, IdentityDataset
+from ofer.io import InputError, remove_stale_temporaries
 from ofer.progress import progress
 from ofer.train.tasks import build_task, param_groups
 
@@ -121,6 +127,8 @@ class Trainer:
         self.cfg = cfg
         self.out = Path(cfg.train.output_dir)
         self.place = setup_distributed(cfg.train.device)
+        if self.place.is_main:
+            self._prepare_output_dir()
         torch.manual_seed(cfg.train.seed)
         self.task = build_task(cfg).to(self.place.device)
         self.optimizer = torch.optim.AdamW(param_groups(self.task.model, cfg), weight_decay=cfg.train.weight_decay)
@@ -134,6 +142,7 @@ class Trainer:
         )
         self.step = 0
         self.best = math.inf
+        self.recent: list[float] = []  # training losses (mean over ranks) since the last validation
         self.seconds = 0.0  # training wall time before this process, kept across resumes
         self.last_picture: np.ndarray | None = None  # rendered validation samples, for tensorboard
         self._started = time.perf_counter()
@@ -144,6 +153,18 @@ class Trainer:
         self.amp = cfg.train.amp and self.place.device.type == "cuda"
 
     # ------------------------------------------------------------------ checkpoints
+    def _prepare_output_dir(self) -> None:
+        """Check that `train.output_dir` can be written (before any work) and remove temporary
+        checkpoint files that a kill during a write left there."""
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=self.out).close()
+        except OSError as err:
+            raise InputError(f"{self.out}: train.output_dir cannot be written ({err})") from err
+        for name in ("last.tar", "best.tar"):
+            for stale in remove_stale_temporaries(self.out / name):
+                log.info("removed %s, left by a checkpoint write that was interrupted", stale)
+
     def _resume(self) -> None:
         path = self.out / "last.tar"
         if not path.is_file():
@@ -158,6 +179,7 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.step, self.best, self.seconds = ckpt["step"], ckpt["best"], ckpt.get("train_seconds", 0.0)
+        self.recent = list(ckpt.get("recent_losses", []))
         torch.set_rng_state(ckpt["rng"]["torch"])
         if torch.cuda.is_available() and ckpt["rng"].get("cuda"):
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
@@ -170,6 +192,7 @@ class Trainer:
             "config": config_to_dict(self.cfg),
             "step": self.step,
             "best": self.best,
+            "recent_losses": self.recent,
             "train_seconds": self.seconds + time.perf_counter() - self._started,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -235,7 +258,6 @@ class Trainer:
         loader = self._loader(self.train_set, self.step, cfg.train.max_steps, cfg.train.seed, place.rank)
         self.task.train()
         bar = progress(total=cfg.train.max_steps, initial=self.step, disable=not place.is_main, desc=cfg.stage)
-        recent: list[float] = []
         last = self.out / "last.tar"
         self._started = time.perf_counter()
         for batch in loader:
@@ -250,17 +272,17 @@ class Trainer:
             if self.ema is not None:
                 self.ema.update_parameters(self.task.model)
             self.step += 1
-            recent.append(loss.item())
+            self.recent.append(self._mean_over_ranks(loss.item()))
             bar.update(1)
-            bar.set_postfix(loss=f"{recent[-1]:.4f}", refresh=False)
+            bar.set_postfix(loss=f"{self.recent[-1]:.4f}", refresh=False)
             if writer and self.step % cfg.train.log_steps == 0:
-                writer.add_scalar("train/loss", float(np.mean(recent[-cfg.train.log_steps :])), self.step)
+                writer.add_scalar("train/loss", float(np.mean(self.recent[-cfg.train.log_steps :])), self.step)
                 for group in self.optimizer.param_groups:
                     writer.add_scalar(f"lr/{group['name']}", group["lr"], self.step)
             done = self.step >= cfg.train.max_steps
             if self.step % cfg.train.val_steps == 0 or done:
-                self._after_validation(writer, recent)
-                recent = []
+                self._after_validation(writer)
+                self.recent = []
             if place.is_main and (self.step % cfg.train.checkpoint_steps == 0 or done):
                 last = self.save("last.tar")
         bar.close()
@@ -270,11 +292,22 @@ class Trainer:
             dist.destroy_process_group()
         return last
 
-    def _after_validation(self, writer: SummaryWriter | None, recent: list[float]) -> None:
-        """Validate (or fall back to the mean training loss), step the LR scheduler, keep the best."""
+    def _mean_over_ranks(self, value: float) -> float:
+        """`value` averaged over all processes (itself on one): every rank then decides alike."""
+        if self.place.world_size == 1:
+            return value
+        total = torch.tensor([value], dtype=torch.float64, device=self.place.device)
+        dist.all_reduce(total)
+        return total.item() / self.place.world_size
+
+    def _after_validation(self, writer: SummaryWriter | None) -> None:
+        """Validate (or fall back to the mean training loss), step the LR scheduler, keep the best.
+
+        The deciding value is averaged over ranks, so all ranks step their schedulers alike.
+        """
         metrics = self.validate() if self.val_set is not None else {}
         key = PRIMARY_METRIC[self.cfg.stage]
-        value = metrics.get(key, float(np.mean(recent)) if recent else math.inf)
+        value = self._mean_over_ranks(metrics.get(key, float(np.mean(self.recent)) if self.recent else math.inf))
         self.scheduler.step(value)
         if writer:
             for k, v in metrics.items():
