@@ -144,7 +144,7 @@ def test_stage_is_told_from_shapes_of_original_files_and_from_the_config_of_ours
         check_stage(read_checkpoint(files["idrank"]), "expgen", files["idrank"], "--checkpoint3")
 
     # Ours: small sizes that shapes could not tell; the saved config says the stage.
-    small = idgen_config("net.flame_dim=10", "net.dims=[10, 5]", "stage=expgen")
+    small = idgen_config("net.flame_dim=10", "net.dims=[10, 5]", "stage=expgen", "model.n_exp=7")
     save_checkpoint(tmp_path / "ours.tar", DiffusionStage(small), config=config_to_dict(small))
     with pytest.raises(CheckpointError, match=r"holds an ExpGen stage \(from its config\)"):
         check_stage(read_checkpoint(tmp_path / "ours.tar"), "idgen", tmp_path / "ours.tar", "--checkpoint2")
