@@ -153,7 +153,7 @@ def start_run(out: Path, entries: list[tuple[str, Path]], overwrite: bool, lock:
 
     Every rank gets the same plan, or the same OutputFolderError.
     """
-    plan: RunPlan | str
+    plan: RunPlan | str | None = None  # rank 0 decides
     if ranks.rank == 0:
         try:
             check_writable(out)
@@ -263,8 +263,12 @@ def failure(name: str, context: str, err: Exception) -> str:
 
 
 def image_generator(seed: int, name: str, device: torch.device) -> torch.Generator:
-    """The source of one image's noise, seeded from (seed, crc32(name)): its samples depend on nothing else."""
-    return torch.Generator(device).manual_seed((seed * 2**32 + zlib.crc32(name.encode())) % 2**63)
+    """The source of one image's noise: its samples depend on `seed` and its name only.
+
+    The seed is the CRC-32 of the name computed from `seed` as initial value: 32 bits, as the
+    CPU generator uses only those, and different for every seed of one name.
+    """
+    return torch.Generator(device).manual_seed(zlib.crc32(name.encode(), seed % 2**32))
 
 
 def reconstruct(pipeline: OferPipeline, loaded: list[tuple[str, torch.Tensor, torch.Tensor]],
