@@ -7,34 +7,13 @@ import zlib
 
 import cv2
 import numpy as np
-import pytest
 
 from conftest import REPO, demo_config
-from ofer.checkpoints import save_checkpoint
-from ofer.config import config_to_dict
 from ofer.flame import FLAME
 from ofer.inference.cli import main as run_test
-from ofer.io import load_array, read_image, read_mesh
-from ofer.models.stages import DiffusionStage, IdRank
+from ofer.io import read_image, read_mesh
 
 NOW7 = [36, 39, 42, 45, 33, 48, 54]
-
-
-@pytest.fixture(scope="module")
-def checkpoints(synthetic_root, tmp_path_factory):
-    """Randomly initialised demo-sized IdGen, ExpGen and IdRank checkpoints written by the test."""
-    out = tmp_path_factory.mktemp("ckpt")
-    paths = {}
-    for stage in ("idgen", "expgen", "idrank"):
-        cfg = demo_config(stage, synthetic_root, out)
-        if stage == "idrank":
-            front = load_array(cfg.model.front_indices_path, (None,))
-            model = IdRank(cfg, shape_dim=3 * len(front))
-        else:
-            model = DiffusionStage(cfg)
-        paths[stage] = out / f"{stage}.tar"
-        save_checkpoint(paths[stage], model, config=config_to_dict(cfg))
-    return paths
 
 
 def run(synthetic_root, checkpoints, list_file, image_dir, out, *extra):

@@ -8,12 +8,12 @@ import sys
 
 import numpy as np
 import pytest
-from test_inference import checkpoints, run  # noqa: F401  (the fixture of tiny demo-sized checkpoints)
 
-import ofer.inference.cli as cli
 from conftest import REPO
+from ofer.inference import cli
 from ofer.inference.outfolder import LOCK_NAME, OutputFolderError, OutputLock
 from ofer.inference.summary import RankReport, RunPlan, write_summary
+from test_inference import run
 
 ARRAYS = ("shapes", "scores", "best", "expressions", "jaws")
 
@@ -38,7 +38,7 @@ def names(synthetic_root):
 
 
 @pytest.fixture(scope="module")
-def batched(synthetic_root, checkpoints, names, tmp_path_factory):  # noqa: F811
+def batched(synthetic_root, checkpoints, names, tmp_path_factory):
     """The three test images reconstructed in one batch of 3 (the reference of the tests below)."""
     out = tmp_path_factory.mktemp("batched")
     assert run(synthetic_root, checkpoints, synthetic_root / "test" / "list.txt", synthetic_root / "test", out,
@@ -46,7 +46,7 @@ def batched(synthetic_root, checkpoints, names, tmp_path_factory):  # noqa: F811
     return {name: outputs(out, name) for name in names}
 
 
-def test_samples_depend_on_seed_and_name_only(synthetic_root, checkpoints, names, batched, tmp_path):  # noqa: F811
+def test_samples_depend_on_seed_and_name_only(synthetic_root, checkpoints, names, batched, tmp_path):
     # One at a time, in the reverse order: the same samples as in the batch of 3.
     (tmp_path / "list.txt").write_text("\n".join(reversed(names)))
     out = tmp_path / "single"
@@ -61,7 +61,7 @@ def test_samples_depend_on_seed_and_name_only(synthetic_root, checkpoints, names
 
 
 def test_a_batch_with_nan_inside_the_networks_fails_only_the_bad_image(synthetic_root, checkpoints, names, batched,
-                                                                      tmp_path, monkeypatch):  # noqa: F811
+                                                                      tmp_path, monkeypatch):
     load = cli.load_inputs
 
     def load_with_nan(path):  # as if a NaN slipped past the input checks
@@ -84,7 +84,7 @@ def test_a_batch_with_nan_inside_the_networks_fails_only_the_bad_image(synthetic
 
 
 def test_torchrun_with_two_cpu_processes_equals_one_process(synthetic_root, checkpoints, names, batched,
-                                                            tmp_path):  # noqa: F811
+                                                            tmp_path):
     out = tmp_path / "out"
     flame = synthetic_root / "flame"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]),
@@ -112,7 +112,7 @@ def test_torchrun_with_two_cpu_processes_equals_one_process(synthetic_root, chec
 
 
 def test_an_unusable_output_folder_is_refused_before_any_work(synthetic_root, checkpoints, tmp_path, caplog,
-                                                              monkeypatch):  # noqa: F811
+                                                              monkeypatch):
     def never(*args, **kwargs):
         raise AssertionError("models were loaded")
 
@@ -129,7 +129,7 @@ def test_an_unusable_output_folder_is_refused_before_any_work(synthetic_root, ch
 
 
 def test_a_second_run_into_a_locked_folder_is_refused(synthetic_root, checkpoints, tmp_path, caplog,
-                                                      monkeypatch):  # noqa: F811
+                                                      monkeypatch):
     out = tmp_path / "out"
     out.mkdir()
     first = OutputLock(out)
@@ -160,7 +160,7 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
 
 
 def test_an_interrupted_run_writes_its_summary_and_frees_the_folder(synthetic_root, checkpoints, names, tmp_path,
-                                                                    monkeypatch):  # noqa: F811
+                                                                    monkeypatch):
     write = cli.write_outputs
     written = []
 
@@ -189,3 +189,14 @@ def test_the_summary_names_a_rank_that_never_reported(tmp_path):
     assert summary["reconstructed"] == ["b"] and summary["failed"] == {"d": "d.npy: file not found"}
     assert summary["not_processed"] == {"c": "rank 1 ended without a report"} and summary["interrupted"]
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
+
+
+def test_ranks_take_every_kth_image_and_share_the_gpus_of_their_node(monkeypatch):
+    from ofer.inference.ranks import Ranks
+
+    assert [Ranks(r, 3, r).shard(list("abcdefg")) for r in range(3)] == [list("adg"), list("be"), list("cf")]
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 2)
+    assert [str(Ranks(r, 4, r).device("auto")) for r in range(4)] == ["cuda:0", "cuda:1", "cuda:0", "cuda:1"]
+    assert str(Ranks(1, 2, 1).device("cuda:0")) == "cuda:0" and str(Ranks(1, 2, 1).device("cpu")) == "cpu"
+    assert str(Ranks().device("cuda")) == "cuda"  # one process: the current GPU, as before

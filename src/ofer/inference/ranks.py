@@ -38,11 +38,14 @@ class Ranks:
         return ranks
 
     def device(self, requested: str) -> torch.device:
-        """`auto`: the GPU of this rank when CUDA is there, else the CPU; `cuda` picks this rank's GPU."""
+        """`auto`: this rank's GPU when CUDA is there, else the CPU; `cuda` picks this rank's GPU.
+
+        With more ranks on a node than GPUs, ranks share them (local rank modulo the GPU count).
+        """
         if requested == "auto":
             requested = "cuda" if torch.cuda.is_available() else "cpu"
         if requested == "cuda" and self.world > 1:
-            requested = f"cuda:{self.local_rank}"
+            requested = f"cuda:{self.local_rank % max(torch.cuda.device_count(), 1)}"
         return torch.device(requested)
 
     def shard(self, items: Sequence[T]) -> list[T]:

@@ -111,7 +111,8 @@ def write_summary(out: Path, plan: RunPlan, settings: dict, world: int) -> dict:
         notes = []
         other = [n for n in plan.finished if (markers[n] or {}).get("settings") != settings]
         if other:
-            notes.append(f"{len(other)} skipped images have outputs made with other settings (see output_settings); "
+            notes.append(f"{len(other)} skipped images have outputs made with other (or unrecorded) settings, kept as "
+                         "they are (see output_settings); "
                          "--overwrite redoes them with this run's settings")
         if plan.listed and not plan.todo:
             notes.append("nothing to do: every listed image already has outputs; --overwrite redoes them")
