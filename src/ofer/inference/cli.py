@@ -129,6 +129,9 @@ def sigterm_interrupts() -> Iterator[None]:
 
 
 def run(args: argparse.Namespace, ranks: Ranks) -> int:
+    """Load the settings and the list, take the output folder, reconstruct this rank's share."""
+    if args.batch < 1:
+        raise ConfigError(f"--batch {args.batch}: must be at least 1")
     overrides = list(args.opt)
     for flag, key in (("num_shapes", "numsamples"), ("num_expressions", "num_expressions"), ("sampler", "sampling"),
                       ("steps", "steps"), ("exp_sampler", "exp_sampling"), ("exp_steps", "exp_steps"), ("seed", "seed")):
