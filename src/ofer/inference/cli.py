@@ -67,7 +67,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, help="IdGen sampler steps for ddim (test.steps)")
     p.add_argument("--exp-sampler", choices=["ddpm", "ddim", "ddim_legacy"], help="ExpGen sampler")
     p.add_argument("--exp-steps", type=int, help="ExpGen sampler steps for ddim")
-    p.add_argument("--seed", type=int, help="random seed (test.seed)")
+    p.add_argument("--seed", type=int, help="random seed (test.seed); an image's samples depend on it and its name only")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
     p.add_argument("--batch", type=int, default=1, help="images reconstructed together")
     p.add_argument("--overwrite", action="store_true", help="redo images that already have outputs")
