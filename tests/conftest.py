@@ -4,8 +4,11 @@ from pathlib import Path
 
 import pytest
 
-from ofer.config import load_config
+from ofer.checkpoints import save_checkpoint
+from ofer.config import config_to_dict, load_config
 from ofer.data.synthetic import SyntheticSettings, generate
+from ofer.io import load_array
+from ofer.models.stages import DiffusionStage, IdRank
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,3 +34,20 @@ def demo_config(stage: str, root: Path, out: Path, *overrides: str):
         "dataset.num_workers=0",
         *overrides,
     ])
+
+
+@pytest.fixture(scope="session")
+def checkpoints(synthetic_root, tmp_path_factory):
+    """Randomly initialised demo-sized IdGen, ExpGen and IdRank checkpoints written by the test."""
+    out = tmp_path_factory.mktemp("ckpt")
+    paths = {}
+    for stage in ("idgen", "expgen", "idrank"):
+        cfg = demo_config(stage, synthetic_root, out)
+        if stage == "idrank":
+            front = load_array(cfg.model.front_indices_path, (None,))
+            model = IdRank(cfg, shape_dim=3 * len(front))
+        else:
+            model = DiffusionStage(cfg)
+        paths[stage] = out / f"{stage}.tar"
+        save_checkpoint(paths[stage], model, config=config_to_dict(cfg))
+    return paths

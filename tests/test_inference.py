@@ -2,14 +2,15 @@
 
 import json
 import shutil
+import struct
+import zlib
 
+import cv2
 import numpy as np
 import pytest
 import torch
 
 from conftest import REPO, demo_config
-from ofer.checkpoints import save_checkpoint
-from ofer.config import config_to_dict
 from ofer.flame import FLAME
 from ofer.inference.cli import main as run_test
 from ofer.inference.cli import read_list
@@ -17,23 +18,6 @@ from ofer.io import InputError, load_array, read_image, read_mesh
 from ofer.models.stages import DiffusionStage, IdRank
 
 NOW7 = [36, 39, 42, 45, 33, 48, 54]
-
-
-@pytest.fixture(scope="module")
-def checkpoints(synthetic_root, tmp_path_factory):
-    """Randomly initialised demo-sized IdGen, ExpGen and IdRank checkpoints written by the test."""
-    out = tmp_path_factory.mktemp("ckpt")
-    paths = {}
-    for stage in ("idgen", "expgen", "idrank"):
-        cfg = demo_config(stage, synthetic_root, out)
-        if stage == "idrank":
-            front = load_array(cfg.model.front_indices_path, (None,))
-            model = IdRank(cfg, shape_dim=3 * len(front))
-        else:
-            model = DiffusionStage(cfg)
-        paths[stage] = out / f"{stage}.tar"
-        save_checkpoint(paths[stage], model, config=config_to_dict(cfg))
-    return paths
 
 
 def run(synthetic_root, checkpoints, list_file, image_dir, out, *extra):
@@ -82,30 +66,70 @@ def test_outputs_of_three_images(synthetic_root, checkpoints, tmp_path):
     assert sorted(summary["reconstructed"]) == sorted(names) and summary["failed"] == {}
 
 
-def test_bad_inputs_are_reported_and_skipped(synthetic_root, checkpoints, tmp_path):
+def forged_png(path, width, height):
+    """A small valid PNG whose header claims width x height pixels (decoding it would allocate them)."""
+    data = bytearray(cv2.imencode(".png", np.zeros((8, 8, 3), np.uint8))[1].tobytes())
+    data[16:24] = struct.pack(">II", width, height)  # IHDR width, height
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))  # IHDR CRC over type + data
+    path.write_bytes(bytes(data))
+
+
+def test_bad_inputs_fail_alone_and_nothing_of_them_is_written(synthetic_root, checkpoints, tmp_path):
     images = tmp_path / "images"
     shutil.copytree(synthetic_root / "test", images)
     good = (images / "list.txt").read_text().split()[0]
+    arcface = np.load(images / f"{good}.npy")
+    bad = {  # name -> (what makes it bad, text expected in its reason)
+        "corrupt": ("jpg", "corrupt.jpg: not a readable image"),
+        "nonpy": ("jpg", "nonpy.npy: file not found"),
+        "bytes": ("npy", "bytes.npy: expected a numeric array, found dtype |S"),
+        "nan": ("npy", "nan.npy: 1 of 37632 values are NaN or infinite"),
+        "inf": ("npy", "inf.npy: 2 of 37632 values are NaN or infinite"),
+        "pixels": ("npy", "pixels.npy: values span [0, 255], expected within [-1.05, 1.05]"),
+        "shape": ("npy", "shape.npy: expected an array of shape (3, 112, 112), found (112, 112, 3)"),
+        "huge": ("png", "huge.png: image is too large"),  # by its header, before decoding
+    }
+    for name in bad:
+        shutil.copy(images / f"{good}.jpg", images / f"{name}.jpg")
+        shutil.copy(images / f"{good}.npy", images / f"{name}.npy")
     (images / "corrupt.jpg").write_bytes(b"not a jpeg at all")
-    shutil.copy(images / f"{good}.npy", images / "corrupt.npy")
-    shutil.copy(images / f"{good}.jpg", images / "nonpy.jpg")
-    (images / "list.txt").write_text(f"corrupt.jpg\nnonpy\n{good}\n")
+    (images / "nonpy.npy").unlink()
+    np.save(images / "bytes.npy", np.full((3, 112, 112), b"0.5"))
+    np.save(images / "nan.npy", np.where(np.arange(arcface.size).reshape(arcface.shape) == 7, np.nan, arcface))
+    np.save(images / "inf.npy", np.concatenate([[[[np.inf, -np.inf]]], arcface.reshape(1, 1, -1)[..., 2:]], -1)
+            .reshape(arcface.shape))
+    np.save(images / "pixels.npy", np.linspace(0, 255, arcface.size).reshape(arcface.shape))
+    np.save(images / "shape.npy", arcface.transpose(1, 2, 0))
+    forged_png(images / "huge.png", 40000, 40000)
+    names = ["huge.png", *[n for n in bad if n != "huge"], good]
+    (images / "list.txt").write_text("\n".join(names) + "\n")
     out = tmp_path / "out"
-    assert run(synthetic_root, checkpoints, images / "list.txt", images, out) == 0
+    assert run(synthetic_root, checkpoints, images / "list.txt", images, out) == 1  # some images failed
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["reconstructed"] == [good]
-    assert "corrupt.jpg" in summary["failed"]["corrupt"] and "not a readable image" in summary["failed"]["corrupt"]
-    assert "nonpy.npy" in summary["failed"]["nonpy"] and "not found" in summary["failed"]["nonpy"]
+    assert summary["reconstructed"] == [good] and summary["not_processed"] == {}
+    assert sorted(summary["failed"]) == sorted(bad)
+    for name, (_, reason) in bad.items():
+        assert reason in summary["failed"][name], summary["failed"][name]
+        assert not (out / name).exists() and not (out / f"{name}.npz").exists()
+        assert not list(out.rglob(f"{name}_*.ply"))
     assert (out / "shapesample" / f"{good}_0.ply").is_file()
 
-    # A re-run skips the finished image; --overwrite redoes it.
+    # A re-run skips the finished image and says which settings made it; --overwrite redoes it.
     stamp = (out / "shapesample" / f"{good}_0.ply").stat().st_mtime_ns
-    run(synthetic_root, checkpoints, images / "list.txt", images, out)
+    (images / "list.txt").write_text(f"{good}\n")
+    assert run(synthetic_root, checkpoints, images / "list.txt", images, out, "--seed", "7") == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["skipped_already_done"] == [good] and summary["reconstructed"] == []
+    assert summary["settings"]["seed"] == 7
+    [made_by] = summary["output_settings"]
+    assert made_by["images"] == [good] and made_by["settings"]["seed"] == 0 and made_by["settings"]["steps"] == 2
+    assert any("--overwrite" in note for note in summary["notes"])
     assert (out / "shapesample" / f"{good}_0.ply").stat().st_mtime_ns == stamp
-    run(synthetic_root, checkpoints, images / "list.txt", images, out, "--overwrite")
-    assert json.loads((out / "summary.json").read_text())["reconstructed"] == [good]
+    assert run(synthetic_root, checkpoints, images / "list.txt", images, out, "--seed", "7", "--overwrite") == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["reconstructed"] == [good] and summary["notes"] == []
+    assert [g["settings"]["seed"] for g in summary["output_settings"]] == [7]
+    assert json.loads((out / good / "done.json").read_text())["settings"]["seed"] == 7
 
 
 def test_missing_assets_give_a_clear_error_and_exit_code(synthetic_root, checkpoints, tmp_path, caplog):

@@ -3,10 +3,12 @@
 import os
 import stat
 
+import cv2
 import numpy as np
 import pytest
 
-from ofer.io import InputError, load_array, read_mesh, save_npy, write_ply
+import ofer.io
+from ofer.io import InputError, load_array, read_image, read_mesh, save_npy, write_ply
 
 
 def test_atomic_writes_have_ordinary_permissions(tmp_path):
@@ -34,3 +36,39 @@ def test_ply_round_trip_keeps_vertex_order(tmp_path):
     write_ply(tmp_path / "m.ply", vertices, faces)
     v, f = read_mesh(tmp_path / "m.ply")
     assert np.array_equal(v.astype(np.float32), vertices) and np.array_equal(f, faces)
+
+
+def test_load_array_refuses_non_numeric_non_finite_and_out_of_range_values(tmp_path):
+    np.save(tmp_path / "s.npy", np.array(["0.5", "1"]))
+    with pytest.raises(InputError, match=r"s\.npy: expected a numeric array, found dtype <U"):
+        load_array(tmp_path / "s.npy")
+    np.save(tmp_path / "f.npy", np.array([0.5, np.nan, -np.inf]))
+    assert load_array(tmp_path / "f.npy").shape == (3,)  # values are checked only when a range is given
+    with pytest.raises(InputError, match=r"f\.npy: 2 of 3 values are NaN or infinite"):
+        load_array(tmp_path / "f.npy", value_range=(-1, 1))
+    np.save(tmp_path / "r.npy", np.array([0.0, 2.0]))
+    with pytest.raises(InputError, match=r"r\.npy: values span \[0, 2\], expected within \[-1, 1\]"):
+        load_array(tmp_path / "r.npy", value_range=(-1, 1))
+    np.save(tmp_path / "ok.npy", np.array([-1.0, 1.0], dtype=np.float16))
+    assert load_array(tmp_path / "ok.npy", value_range=(-1, 1)).dtype == np.float16
+
+
+def test_read_image_refuses_huge_images_by_their_header_before_decoding(tmp_path, monkeypatch):
+    from test_inference import forged_png
+
+    forged_png(tmp_path / "huge.png", 40000, 40000)
+    cv2.imwrite(str(tmp_path / "big.png"), np.zeros((300, 400, 3), np.uint8))
+    calls = []
+    monkeypatch.setattr(ofer.io.cv2, "imdecode", lambda *a: calls.append(a))
+    with pytest.raises(InputError, match=r"huge\.png: image is too large"):
+        read_image(tmp_path / "huge.png")
+    with pytest.raises(InputError, match=r"big\.png: image of 400x300 pixels is too large \(at most 100,000 pixels"):
+        read_image(tmp_path / "big.png", max_pixels=100_000)
+    assert calls == []  # neither was decoded
+
+    def refuse(*args):
+        raise cv2.error("pixels <= CV_IO_MAX_IMAGE_PIXELS")
+
+    monkeypatch.setattr(ofer.io.cv2, "imdecode", refuse)
+    with pytest.raises(InputError, match=r"big\.png: OpenCV cannot decode this image"):
+        read_image(tmp_path / "big.png")

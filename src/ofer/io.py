@@ -77,13 +77,42 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
     return stale
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Read an image file as a BGR uint8 array (H, W, 3); raise InputError naming the file."""
+MAX_IMAGE_PIXELS = 10_000 * 10_000  # far above any photo we expect; OpenCV's own limit is 2**30
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int] | None:
+    """(width, height) from the file's header without decoding the pixels; None if unknown.
+
+    Lets a reader refuse an absurdly large image before decoding allocates it.
+    """
+    from PIL import Image  # Pillow reads headers lazily (a dependency of torchvision)
+
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except Image.DecompressionBombError as err:  # Pillow's own limit, far above ours
+        raise InputError(f"{path}: image is too large ({err})") from err
+    except Exception:  # not a format Pillow knows, or a corrupt header: the decoder decides
+        return None
+
+
+def read_image(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """Read an image file as a BGR uint8 array (H, W, 3); raise InputError naming the file.
+
+    Images over `max_pixels` (by their header) are refused before they are decoded.
+    """
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: image file not found")
+    size = image_size(path)
+    if size is not None and size[0] * size[1] > max_pixels:
+        raise InputError(f"{path}: image of {size[0]}x{size[1]} pixels is too large "
+                         f"(at most {max_pixels:,} pixels are read)")
     data = np.fromfile(path, dtype=np.uint8)
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    try:
+        image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    except cv2.error as err:  # e.g. over CV_IO_MAX_IMAGE_PIXELS
+        raise InputError(f"{path}: OpenCV cannot decode this image ({getattr(err, 'err', None) or err})") from err
     if image is None:
         raise InputError(f"{path}: not a readable image (corrupt or unsupported format)")
     return image
@@ -111,10 +140,12 @@ def save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
         np.savez_compressed(tmp, **{k: np.asarray(v) for k, v in arrays.items()})
 
 
-def load_array(path: str | os.PathLike, shape: tuple[int | None, ...] | None = None) -> np.ndarray:
-    """Load a plain numeric .npy (never a pickle) and check its shape; errors name the file.
+def load_array(path: str | os.PathLike, shape: tuple[int | None, ...] | None = None,
+               value_range: tuple[float, float] | None = None) -> np.ndarray:
+    """Load a plain numeric .npy (never a pickle) and check it; errors name the file.
 
-    `shape` may contain None for free axes, e.g. (3, 112, 112) or (None, 3).
+    `shape` may contain None for free axes, e.g. (3, 112, 112) or (None, 3). With
+    `value_range` (low, high) every value must also be finite and within it.
     """
     path = Path(path)
     if not path.is_file():
@@ -123,12 +154,27 @@ def load_array(path: str | os.PathLike, shape: tuple[int | None, ...] | None = N
         array = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as err:
         raise InputError(f"{path}: not a readable numeric .npy file ({err})") from err
+    if array.dtype.kind not in "biuf":  # bool, int, uint, float; not bytes, str, complex, records
+        raise InputError(f"{path}: expected a numeric array, found dtype {array.dtype}")
     if shape is not None:
         ok = array.ndim == len(shape) and all(s is None or s == a for s, a in zip(shape, array.shape))
         if not ok:
             want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
             raise InputError(f"{path}: expected an array of shape {want}, found {array.shape}")
+    if value_range is not None:
+        check_values(path, array, *value_range)
     return array
+
+
+def check_values(source: str | os.PathLike, array: np.ndarray, low: float, high: float) -> None:
+    """Raise InputError naming `source` unless every value is finite and within [low, high]."""
+    values = np.asarray(array, dtype=np.float64)
+    bad = ~np.isfinite(values)
+    if bad.any():
+        raise InputError(f"{source}: {int(bad.sum())} of {values.size} values are NaN or infinite")
+    if values.size and (values.min() < low or values.max() > high):
+        raise InputError(f"{source}: values span [{values.min():.4g}, {values.max():.4g}], "
+                         f"expected within [{low:g}, {high:g}]")
 
 
 def write_ply(path: str | os.PathLike, vertices: np.ndarray, faces: np.ndarray) -> None:

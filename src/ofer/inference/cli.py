@@ -7,33 +7,56 @@ given) with its ArcFace array (`.npy`) beside it, as `python -m ofer.preprocess`
 Outputs are named as the original names them (SPEC §11): the entry without its suffix and
 without an `arcface_input/` folder, so `arcface_input/<stem>.jpg` gives
 `shapesample/<stem>_0.ply`; other sub-folders are kept.
-One bad image is reported in `summary.json` and skipped; finished images are skipped on a
-re-run unless `--overwrite`.
+
+Each image is loaded, checked, reconstructed and written under one guard: whatever goes wrong
+with it (a bad file, NaN from the networks, an error while writing) fails that image alone,
+with the reason in `summary.json`, and the run goes on. Finished images are skipped on a
+re-run unless `--overwrite`. Under torchrun the list is split over the ranks
+(`ofer.inference.ranks`); the output folder is checked and locked before any work
+(`ofer.inference.outfolder`); `summary.json` is written however the run ends
+(`ofer.inference.summary`).
+
+Exit codes: 0 every listed image has outputs from this run or an earlier one; 1 some images
+failed; 2 bad config, list, assets or output folder (nothing reconstructed); 130 interrupted
+(Ctrl-C or SIGTERM; summary.json says what was done).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
+import dataclasses
 import logging
+import os
+import signal
+import socket
+import threading
 import time
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from ofer.config import ConfigError, load_config
+from ofer.config import Config, ConfigError, load_config
 from ofer.inference.export import done_marker, write_outputs
-from ofer.inference.pipeline import OferPipeline, load_inputs
-from ofer.io import InputError, atomic_write
+from ofer.inference.outfolder import OutputFolderError, OutputLock, check_writable, lock_holder
+from ofer.inference.pipeline import OferPipeline, Reconstruction, load_inputs
+from ofer.inference.ranks import Ranks
+from ofer.inference.summary import RankReport, RunPlan, remove_reports, run_settings, write_summary
+from ofer.io import InputError
 from ofer.progress import progress
 
 log = logging.getLogger("ofer.test")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+EXIT_OK, EXIT_FAILED, EXIT_SETUP, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Reconstruct FLAME faces from images with OFER.")
+    p = argparse.ArgumentParser(description="Reconstruct FLAME faces from images with OFER.",
+                                epilog="exit codes: 0 all images done, 1 some images failed, "
+                                       "2 bad config/list/assets/output folder, 130 interrupted")
     p.add_argument("--cfg", default=None, help="config YAML: FLAME assets, front indices, test.* settings")
     p.add_argument("--checkpoint1", required=True, help="IdRank checkpoint")
     p.add_argument("--checkpoint2", required=True, help="IdGen checkpoint")
@@ -49,7 +72,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, help="IdGen sampler steps for ddim (test.steps)")
     p.add_argument("--exp-sampler", choices=["ddpm", "ddim", "ddim_legacy"], help="ExpGen sampler")
     p.add_argument("--exp-steps", type=int, help="ExpGen sampler steps for ddim")
-    p.add_argument("--seed", type=int, help="random seed (test.seed)")
+    p.add_argument("--seed", type=int, help="random seed (test.seed); an image's samples depend on it and its name only")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
     p.add_argument("--batch", type=int, default=1, help="images reconstructed together")
     p.add_argument("--overwrite", action="store_true", help="redo images that already have outputs")
@@ -95,17 +118,43 @@ def read_list(list_file: Path, image_root: Path) -> list[tuple[str, Path]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run test.py; returns 0 when something was reconstructed (or nothing was left to do)."""
+    """Run test.py; the exit code is one of EXIT_* (see the module docstring)."""
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    ranks = Ranks.from_env()
     try:
-        return run(args)
-    except (ConfigError, InputError, FileNotFoundError) as err:  # bad config, list or assets: say which
+        with sigterm_interrupts():
+            return run(args, ranks)
+    except (ConfigError, InputError, OutputFolderError, FileNotFoundError) as err:  # bad setup: say what
         log.error("%s", err)
-        return 2
+        return EXIT_SETUP
+    except KeyboardInterrupt:
+        log.warning("interrupted")
+        return EXIT_INTERRUPTED
+    finally:
+        ranks.close()
 
 
-def run(args: argparse.Namespace) -> int:
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """Turn SIGTERM (a scheduler or torchrun stopping the job) into KeyboardInterrupt, like Ctrl-C."""
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run(args: argparse.Namespace, ranks: Ranks) -> int:
+    """Load the settings and the list, take the output folder, reconstruct this rank's share."""
+    if args.batch < 1:
+        raise ConfigError(f"--batch {args.batch}: must be at least 1")
     overrides = list(args.opt)
     for flag, key in (("num_shapes", "numsamples"), ("num_expressions", "num_expressions"), ("sampler", "sampling"),
                       ("steps", "steps"), ("exp_sampler", "exp_sampling"), ("exp_steps", "exp_steps"), ("seed", "seed")):
@@ -115,55 +164,167 @@ def run(args: argparse.Namespace) -> int:
     if args.numcheckpoint is not None and args.numcheckpoint != 3:
         log.warning("--numcheckpoint %d ignored: test.py always takes the three checkpoints --checkpoint1..3, "
                     "and output names use index 0 as the original's do", args.numcheckpoint)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     out = Path(args.outputpath)
     entries = read_list(Path(args.filename), Path(args.imagepath))
-    finished = [] if args.overwrite else [n for n, _ in entries if done_marker(out, n).is_file()]
-    skip = set(finished)
-    todo = [(n, p) for n, p in entries if n not in skip]
-    log.info("%d images listed, %d already done, %d to reconstruct on %s", len(entries), len(finished), len(todo), device)
+    settings = run_settings(cfg, args)
+    lock = OutputLock(out)
+    try:
+        plan = start_run(out, entries, args.overwrite, lock, ranks)
+        return reconstruct_shard(args, cfg, out, plan, settings, ranks)
+    finally:
+        if ranks.rank == 0:
+            lock.release()
 
-    pipeline = OferPipeline.from_checkpoints(cfg, args.checkpoint1, args.checkpoint2, args.checkpoint3, device)
-    faces = pipeline.flame.faces.cpu().numpy()
-    done, failed = [], {}
+
+def start_run(out: Path, entries: list[tuple[str, Path]], overwrite: bool, lock: OutputLock,
+              ranks: Ranks) -> RunPlan:
+    """Check and lock the output folder and decide what to do (rank 0), before any model is loaded.
+
+    Every rank gets the same plan, or the same OutputFolderError.
+    """
+    plan: RunPlan | str | None = None  # rank 0 decides
+    if ranks.rank == 0:
+        try:
+            check_writable(out)
+            lock.acquire()
+            remove_reports(out)
+            finished = [] if overwrite else [n for n, _ in entries if done_marker(out, n).is_file()]
+            skip = set(finished)
+            plan = RunPlan(run_id=f"{socket.gethostname()}-{os.getpid()}-{time.time():.0f}",
+                           listed=[n for n, _ in entries], finished=finished,
+                           todo=[(n, p) for n, p in entries if n not in skip], lock_owner=lock.owner)
+        except OutputFolderError as err:
+            plan = str(err)
+    plan = ranks.broadcast(plan)
+    if isinstance(plan, str):
+        raise OutputFolderError(plan)
+    # Every rank writes into the folder rank 0 locked: across nodes it must be shared storage.
+    seen = ranks.gather(ranks.rank == 0 or lock_holder(lock.path) == plan.lock_owner)
+    if not all(seen):
+        raise OutputFolderError(f"output folder {out} is not the same folder on every rank (ranks "
+                                f"{[r for r, ok in enumerate(seen) if not ok]} do not see rank 0's lock "
+                                "file): put it on storage every node shares")
+    return plan
+
+
+def reconstruct_shard(args: argparse.Namespace, cfg: Config, out: Path, plan: RunPlan, settings: dict,
+                      ranks: Ranks) -> int:
+    """Reconstruct this rank's share of the plan, report it, and (rank 0) write the run's summary.json."""
+    mine = ranks.shard(plan.todo)
+    device = ranks.device(args.device)
+    report = RankReport(ranks.rank, str(device))
+    if ranks.rank == 0:
+        log.info("%d images listed, %d already done, %d to reconstruct on %d process(es)", len(plan.listed),
+                 len(plan.finished), len(plan.todo), ranks.world)
     start = time.perf_counter()
-    bar = progress(total=len(todo), desc="images", unit="img")
-    for i in range(0, len(todo), args.batch):
-        batch = []
-        for name, path in todo[i : i + args.batch]:
-            try:
-                batch.append((name, *load_inputs(path)))
-            except InputError as err:
-                failed[name] = str(err)
-                log.error("skipping %s: %s", name, err)
-                bar.update(1)
-        if not batch:
+    completed = False
+    try:
+        pipeline = OferPipeline.from_checkpoints(cfg, args.checkpoint1, args.checkpoint2, args.checkpoint3, device)
+        provenance = {"settings": settings, "run": plan.run_id}
+        desc = "images" if ranks.world == 1 else f"images (rank 0 of {ranks.world})"
+        with progress(total=len(mine), desc=desc, unit="img", disable=ranks.rank > 0) as bar:
+            for i in range(0, len(mine), args.batch):
+                for name, reason in reconstruct_batch(pipeline, mine[i : i + args.batch], cfg, out, provenance):
+                    if reason is not None:
+                        report.failed[name] = reason
+                    bar.update(1)
+        completed = True
+    except KeyboardInterrupt:
+        report.interrupted = True
+        log.warning("interrupted: writing %s", out / "summary.json")
+    finally:
+        report.seconds = time.perf_counter() - start
+        report.save(out)
+        if not completed:  # interrupted or an error: the others may never reach the barrier
+            write_summary(out, plan, settings, ranks.world)
+    if report.interrupted:
+        return EXIT_INTERRUPTED
+    try:
+        ranks.barrier()
+    except Exception as err:  # another rank died: merge what is there
+        log.error("waiting for the other ranks failed (%s); summary.json covers the ranks that reported", err)
+        write_summary(out, plan, settings, ranks.world)
+        return EXIT_FAILED
+    if ranks.rank != 0:
+        return EXIT_FAILED if report.failed else EXIT_OK
+    summary = write_summary(out, plan, settings, ranks.world)
+    remove_reports(out)
+    print(f"reconstructed {len(summary['reconstructed'])} images, {len(summary['failed'])} failed, "
+          f"{len(summary['skipped_already_done'])} already done, outputs in {out} (summary.json)")
+    for note in summary["notes"]:
+        print(f"note: {note}")
+    return EXIT_FAILED if summary["failed"] or summary["not_processed"] else EXIT_OK
+
+
+def reconstruct_batch(pipeline: OferPipeline, items: list[tuple[str, Path]], cfg: Config, out: Path,
+                      provenance: dict) -> Iterator[tuple[str, str | None]]:
+    """Load, check, reconstruct and write a batch; yield (name, None) or (name, why it failed) per image.
+
+    Any exception of one image (not only ours) fails that image alone; KeyboardInterrupt ends the run.
+    """
+    loaded = []
+    for name, path in items:
+        try:
+            loaded.append((name, *load_inputs(path)))
+        except Exception as err:
+            yield name, failure(name, f"{path}: cannot be used", err)
+    faces = pipeline.flame.faces.cpu().numpy()
+    for (name, _, arcface), result in zip(loaded, reconstruct(pipeline, loaded, cfg.test.seed)):
+        if isinstance(result, Exception):
+            yield name, failure(name, f"{dict(items)[name]}: reconstruction failed", result)
             continue
-        # Seeded by the names in the batch, so a re-run with the same batching gives the same samples.
-        seed = cfg.test.seed + zlib.crc32("|".join(b[0] for b in batch).encode())
-        generator = torch.Generator(device).manual_seed(seed)
-        image = torch.stack([b[1] for b in batch])
-        arcface = torch.stack([b[2] for b in batch])
-        for (name, _, arc), rec in zip(batch, pipeline(image, arcface, generator)):
-            try:
-                done.append(write_outputs(out, name, rec, faces, arc.numpy(), cfg.test.num_saved_expressions))
-            except OSError as err:
-                failed[name] = f"could not write outputs: {err}"
-                log.error("%s: %s", name, failed[name])
-            bar.update(1)
-    bar.close()
-    seconds = time.perf_counter() - start
-    summary = {
-        "reconstructed": [d["name"] for d in done],
-        "skipped_already_done": finished,
-        "failed": failed,
-        "seconds": round(seconds, 2),
-        "seconds_per_image": round(seconds / max(len(done), 1), 3),
-        "device": str(device),
-        "settings": {k: getattr(cfg.test, k) for k in ("numsamples", "num_expressions", "sampling", "steps",
-                                                       "exp_sampling", "exp_steps", "eta", "seed")},
-    }
-    with atomic_write(out / "summary.json") as tmp:
-        tmp.write_text(json.dumps(summary, indent=2))
-    print(f"reconstructed {len(done)} images, {len(failed)} failed, outputs in {out} (summary.json)")
-    return 0 if done or not todo else 1
+        try:
+            write_outputs(out, name, result, faces, arcface.numpy(), cfg.test.num_saved_expressions, provenance)
+        except Exception as err:
+            yield name, failure(name, f"outputs of {name} could not be written to {out}", err)
+            continue
+        yield name, None
+
+
+def failure(name: str, context: str, err: Exception) -> str:
+    """The reason an image failed, naming the file: our InputErrors already do, others get `context`."""
+    reason = str(err) if isinstance(err, InputError) else f"{context}: {type(err).__name__}: {err}"
+    log.error("%s failed: %s", name, reason)
+    log.debug("traceback of %s", name, exc_info=err)
+    return reason
+
+
+def image_generator(seed: int, name: str, device: torch.device) -> torch.Generator:
+    """The source of one image's noise: its samples depend on `seed` and its name only.
+
+    The seed is the CRC-32 of the name computed from `seed` as initial value: 32 bits, as the
+    CPU generator uses only those, and different for every seed of one name.
+    """
+    return torch.Generator(device).manual_seed(zlib.crc32(name.encode(), seed % 2**32))
+
+
+def reconstruct(pipeline: OferPipeline, loaded: list[tuple[str, torch.Tensor, torch.Tensor]],
+                seed: int) -> list[Reconstruction | Exception]:
+    """One result per image; the images of a batch that fails are tried again one at a time."""
+    results = attempt(pipeline, loaded, seed)
+    if len(loaded) > 1:
+        for i, result in enumerate(results):
+            if isinstance(result, Exception):
+                log.warning("%s failed in a batch of %d (%s); trying it alone", loaded[i][0], len(loaded), result)
+                results[i] = attempt(pipeline, loaded[i : i + 1], seed)[0]
+    return results
+
+
+def attempt(pipeline: OferPipeline, loaded: list[tuple[str, torch.Tensor, torch.Tensor]],
+            seed: int) -> list[Reconstruction | Exception]:
+    """Run the pipeline on `loaded` (name, crop, arcface) together; a result with NaN or Inf is an error."""
+    if not loaded:
+        return []
+    generators = [image_generator(seed, name, pipeline.device) for name, _, _ in loaded]
+    try:
+        recs = pipeline(torch.stack([l[1] for l in loaded]), torch.stack([l[2] for l in loaded]), generators)
+    except Exception as err:
+        return [err] * len(loaded)
+    return [check_finite(rec) for rec in recs]
+
+
+def check_finite(rec: Reconstruction) -> Reconstruction | Exception:
+    """`rec`, or an error naming its fields with NaN or infinite values (never written)."""
+    bad = [f.name for f in dataclasses.fields(rec)
+           if isinstance(getattr(rec, f.name), np.ndarray) and not np.isfinite(getattr(rec, f.name)).all()]
+    return ValueError(f"the networks produced NaN or infinite values ({', '.join(bad)})") if bad else rec

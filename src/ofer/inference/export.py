@@ -51,8 +51,13 @@ def samples_sheet(rec: Reconstruction, faces: np.ndarray, count: int) -> np.ndar
 
 
 def write_outputs(out: Path, name: str, rec: Reconstruction, faces: np.ndarray, arcface: np.ndarray,
-                  num_saved: int) -> dict:
-    """Write every file of one image (each atomically), the done marker last; return its summary."""
+                  num_saved: int, provenance: dict | None = None) -> dict:
+    """Write every file of one image (each atomically), the done marker last; return its summary.
+
+    The pictures are drawn before any file is written, so a failure there writes nothing.
+    `provenance` (test.py: the settings and the run that made the files) goes into the marker.
+    """
+    overlay, sheet = overlay_picture(arcface, rec, faces), samples_sheet(rec, faces, min(num_saved, 11))
     write_ply(out / "shapesample" / f"{name}_0.ply", rec.neutral_mm, faces)
     for k in range(min(num_saved, len(rec.expression_mm))):
         write_ply(out / "flamesample" / f"{name}_0_{k}.ply", rec.expression_mm[k], faces)
@@ -60,14 +65,15 @@ def write_outputs(out: Path, name: str, rec: Reconstruction, faces: np.ndarray, 
              expressions=rec.expressions, jaws=rec.jaws)
     save_npy(out / name / "kpt7.npy", rec.kpt7_mm)
     save_npy(out / name / "kpt68.npy", rec.kpt68_mm)
-    write_image(out / name / "overlay.png", overlay_picture(arcface, rec, faces))
-    write_image(out / name / "samples.png", samples_sheet(rec, faces, min(num_saved, 11)))
+    write_image(out / name / "overlay.png", overlay)
+    write_image(out / name / "samples.png", sheet)
     summary = {
         "name": name,
         "best_sample": rec.best,
         "num_shapes": int(len(rec.shapes)),
         "num_expressions": int(len(rec.expressions)),
         "best_score": float(rec.scores[rec.best]),
+        **(provenance or {}),
     }
     with atomic_write(done_marker(out, name)) as tmp:
         tmp.write_text(json.dumps(summary, indent=2))

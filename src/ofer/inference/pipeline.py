@@ -40,14 +40,21 @@ class Reconstruction:
     kpt7_mm: np.ndarray  # (7, 3) NoW landmarks of the neutral mesh
 
 
+# The ArcFace input is (pixel - 127.5) / 127.5, within [-1, 1]; the margin allows resampling
+# and float16 rounding but catches 0-255 pixels or other normalisations.
+ARCFACE_RANGE = (-1.05, 1.05)
+MAX_CROP_PIXELS = 4096 * 4096  # a face crop (224 expected, others are resized); anything larger is not one
+
+
 def load_inputs(image_path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """Read one preprocessed face: the 224 crop (.jpg) and its ArcFace array (.npy beside it).
+    """Read and check one preprocessed face: the 224 crop (.jpg) and its ArcFace array (.npy beside it).
 
     Returns the CLIP-normalised crop (3, 224, 224) and the ArcFace input (3, 112, 112).
-    Errors name the file.
+    Errors (InputError) name the file and what is wrong: missing, undecodable or huge image;
+    non-numeric, misshapen, non-finite or out-of-range array.
     """
-    crop = read_image(image_path)
-    arcface = load_array(image_path.with_suffix(".npy"), (3, 112, 112)).astype(np.float32)
+    crop = read_image(image_path, max_pixels=MAX_CROP_PIXELS)
+    arcface = load_array(image_path.with_suffix(".npy"), (3, 112, 112), ARCFACE_RANGE).astype(np.float32)
     return torch.from_numpy(clip_normalise_bgr(crop_to_clip_input(crop))), torch.from_numpy(arcface)
 
 
