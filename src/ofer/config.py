@@ -37,6 +37,7 @@ class NetConfig:
     flame_dim: int = 300  # D: 300 shape (IdGen) or 50 expression + 3 jaw (ExpGen)
     context_dim: int = 512  # C: 512 ArcFace (IdGen), 1024 FaRL+ArcFace (ExpGen, IdRank)
     dims: list[int] = field(default_factory=lambda: [300, 50, 10])
+    hidden_dims: list[int] = field(default_factory=lambda: [4096, 1024, 256, 64])  # IdRank widths (original)
     numqkv: int = 16
     losstype: Literal["l1", "mse"] = "l1"
 
