@@ -1,11 +1,19 @@
 """The README's main command: OFER end to end on a fresh machine, no licensed assets needed.
 
-1. Makes the synthetic data set (synthetic FLAME-format model, rendered faces, held-out
-   test images with and without occluders) under data/synthetic/ — deterministic.
-2. Trains the demo checkpoints with configs/demo/*.yml (IdGen, ExpGen, then IdRank on the
-   frozen IdGen) under checkpoint/demo/, resuming or skipping what is already trained.
-3. Runs test.py on the held-out test images into output/demo/.
-4. Prints where the meshes and pictures are and the errors against the synthetic ground truth.
+`python demo.py` (about a minute on 2 CPU cores):
+1. Makes the synthetic FLAME-format model and the 12 held-out synthetic test images (with
+   and without occluders) with their ground truth under data/synthetic/ (deterministic).
+2. Runs test.py with the bundled demo models (models/demo/, trained by `--train` below).
+3. Prints the errors against the synthetic ground truth, where the meshes and pictures are,
+   and the test.py command it ran.
+
+`python demo.py --train` makes the whole synthetic training set and trains the three demo
+stages with configs/demo/*.yml into checkpoint/demo/ (resuming or skipping what is already
+trained), then does the same with those checkpoints.
+
+`python demo.py --photos DIR` crops the faces in your photos (`python -m ofer.preprocess`)
+and reconstructs them with the demo models. They were trained on synthetic faces only, so
+their meshes of real people are not meaningful: this shows the path from photo to mesh.
 
 Everything here is a synthetic stand-in: the numbers say the code works, not how OFER
 performs on real faces (for that, see the README's NoW evaluation).
@@ -15,91 +23,125 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
-from ofer.data.synthetic import GENERATOR_VERSION, SyntheticSettings, generate, generator_version
-from ofer.eval.metrics import evaluate_samples, find_samples, mesh_errors
+from ofer.config import load_config
+from ofer.data.synthetic import GENERATOR_VERSION, SyntheticSettings, generate, generator_version, has_training_data
+from ofer.eval.synthetic_table import format_table, synthetic_table
 from ofer.inference.cli import main as run_test
-from ofer.io import load_array, read_mesh
 from ofer.train.cli import main as train
 
 log = logging.getLogger("demo")
 DATA = Path("data/synthetic")
-OUT = Path("output/demo")
+BUNDLED = Path("models/demo")  # inference-only copies of the demo checkpoints (see models/demo/README.md)
+TRAINED = Path("checkpoint/demo")
+TEST_CFG = "configs/demo/test.yml"
 STAGES = (("idgen", "configs/demo/idgen.yml"), ("expgen", "configs/demo/expgen.yml"), ("idrank", "configs/demo/idrank.yml"))
+SYNTHETIC_FACES_NOTE = (
+    "The demo models were trained on synthetic faces only (a procedural head, not a real face model): "
+    "their meshes of real people are not meaningful. Use the released OFER checkpoints for real photos "
+    "(README: 'Using OFER with the released weights')."
+)
 
 
-def report(out: Path, gt: Path, names: list[str]) -> None:
-    """Errors (mm) of the reconstructions against the synthetic ground truth, per image and mean."""
-    rows = []
-    template, _ = read_mesh(DATA / "flame" / "mean_shape.ply")
-    for name in names:
-        neutral_gt, _ = read_mesh(gt / "neutral" / f"{name}.ply")
-        expr_gt, _ = read_mesh(gt / f"{name}.ply")
-        occluded = load_array(gt / f"{name}_occlusion.npy", (len(expr_gt),)).astype(bool)
-        best, _ = read_mesh(out / "shapesample" / f"{name}_0.ply")
-        samples = np.stack([read_mesh(p)[0] for p in find_samples(out, name)])
-        exp = evaluate_samples(samples, expr_gt, occluded if occluded.any() else None)
-        rows.append({
-            "name": name,
-            "shape": mesh_errors(best, neutral_gt)["all"],
-            "shape_mean_face": mesh_errors(template, neutral_gt)["all"],
-            "exp_first": exp["ranked"]["all"],
-            "exp_oracle": exp["oracle"]["all"],
-            "exp_neutral": mesh_errors(neutral_gt, expr_gt)["all"],
-            "diversity_vis": exp["diversity"]["visible"],
-            "diversity_occ": exp["diversity"]["occluded"],
-        })
-    keys = [k for k in rows[0] if k != "name"]
-    print(f"\n{'image':<14}" + "".join(f"{k:>16}" for k in keys))
-    for r in rows:
-        print(f"{r['name']:<14}" + "".join(f"{r[k]:>16.2f}" for k in keys))
-    print(f"{'MEAN':<14}" + "".join(f"{np.nanmean([r[k] for r in rows]):>16.2f}" for k in keys))
-    print(
-        "\nAll values in mm (mean per-vertex distance). shape: IdRank's pick (neutral) vs the true identity; "
-        "shape_mean_face: the model's mean face vs the true identity; exp_first / exp_oracle: the first / best "
-        "expression sample vs the true expressive mesh; exp_neutral: the neutral true identity vs the expressive "
-        "mesh (what ignoring the expression costs); diversity_*: spread of the expression samples on visible / "
-        "occluded vertices (nan where an image has no occluder)."
-    )
+def checkpoints(trained: bool) -> dict[str, Path]:
+    """IdRank, IdGen, ExpGen files: the bundled models or the ones `--train` wrote."""
+    if trained:
+        return {stage: TRAINED / stage / "last.tar" for stage, _ in STAGES}
+    return {stage: BUNDLED / f"{stage}.tar" for stage, _ in STAGES}
+
+
+def make_data(with_training: bool, actors: int) -> bool:
+    """The synthetic model and test set, and the training set when asked; False if the folder is outdated."""
+    version = generator_version(DATA)
+    if version is not None and version != GENERATOR_VERSION:
+        log.error("%s was made by an older synthetic-data generator (version %s, now %s): delete %s "
+                  "(and checkpoint/demo, whose models were trained on it) and run demo.py again",
+                  DATA, version, GENERATOR_VERSION, DATA)
+        return False
+    if with_training and not has_training_data(DATA):
+        generate(DATA, SyntheticSettings(actors=actors))
+    elif version is None:
+        generate(DATA, SyntheticSettings(), training=False)
+    return True
+
+
+def test_command(ckpt: dict[str, Path], list_file: Path, images: Path, out: Path) -> list[str]:
+    """test.py's arguments for the demo models on a list of crops."""
+    return [
+        "--cfg", TEST_CFG,
+        "--checkpoint1", str(ckpt["idrank"]),
+        "--checkpoint2", str(ckpt["idgen"]),
+        "--checkpoint3", str(ckpt["expgen"]),
+        "--filename", str(list_file),
+        "--imagepath", str(images),
+        "--outputpath", str(out),
+        "--device", "cpu",
+        "--overwrite",
+    ]
+
+
+def run_and_show(args: list[str]) -> int:
+    """Run test.py in this process and print the command a user would type for it."""
+    code = run_test(args)
+    print(f"\ntest.py command (run it yourself with other settings, e.g. --num-shapes 100):\n  python test.py {shlex.join(args)}")
+    return code
+
+
+def where(out: Path) -> None:
+    print(f"\nMeshes: {out}/shapesample/<name>_0.ply (IdRank's pick, neutral), {out}/flamesample/<name>_0_<k>.ply "
+          f"(expression samples); all samples and scores in {out}/<name>.npz")
+    print(f"Pictures: {out}/<name>/overlay.png (mesh on the face), {out}/<name>/samples.png (expression samples)")
+
+
+def photos(folder: Path, keypoints: Path | None, ckpt: dict[str, Path], out: Path) -> int:
+    """Crop the faces in `folder` with `python -m ofer.preprocess`, then reconstruct them."""
+    crops = out / "crops"
+    command = [sys.executable, "-m", "ofer.preprocess", "--input", str(folder), "--out", str(crops)]
+    if keypoints is not None:
+        command += ["--keypoints", str(keypoints)]
+    print(f"preprocess command:\n  {shlex.join(['python', *command[1:]])}")
+    if subprocess.run(command).returncode != 0 or not (crops / "list.txt").read_text().split():
+        log.error("no face was cropped from %s; see %s (give --keypoints FILE to place the faces by hand)",
+                  folder, crops / "preprocess_report.json")
+        return 1
+    code = run_and_show(test_command(ckpt, crops / "list.txt", crops, out))
+    where(out)
+    print(f"\n{SYNTHETIC_FACES_NOTE}")
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--actors", type=int, default=SyntheticSettings.actors, help="synthetic training identities")
-    p.add_argument("--opt", action="append", default=[], help="override for every training config (e.g. train.max_steps=100)")
+    p.add_argument("--train", action="store_true", help="make the training set and train the three demo stages first")
+    p.add_argument("--photos", type=Path, help="reconstruct the faces in this folder of photos instead")
+    p.add_argument("--keypoints", type=Path, help="with --photos: 5 keypoints per photo (see python -m ofer.preprocess)")
+    p.add_argument("--actors", type=int, default=SyntheticSettings.actors, help="with --train: synthetic training identities")
+    p.add_argument("--opt", action="append", default=[], help="with --train: override for every training config (e.g. train.max_steps=100)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     start = time.perf_counter()
-    version = generator_version(DATA)
-    if version is None:
-        generate(DATA, SyntheticSettings(actors=args.actors))
-    elif version != GENERATOR_VERSION:
-        log.error("%s was made by an older synthetic-data generator (version %s, now %s); its checkpoints "
-                  "do not fit the demo configs either: delete %s and checkpoint/demo, then run demo.py again",
-                  DATA, version, GENERATOR_VERSION, DATA)
-        return 2
-    for stage, cfg in STAGES:
-        train(stage, ["--cfg", cfg, "--resume", *(arg for o in args.opt for arg in ("--opt", o))])
-    ckpt = Path("checkpoint/demo")
-    code = run_test([
-        "--cfg", "configs/demo/test.yml",
-        "--checkpoint1", str(ckpt / "idrank" / "last.tar"),
-        "--checkpoint2", str(ckpt / "idgen" / "last.tar"),
-        "--checkpoint3", str(ckpt / "expgen" / "last.tar"),
-        "--filename", str(DATA / "test" / "list.txt"),
-        "--imagepath", str(DATA / "test"),
-        "--outputpath", str(OUT),
-        "--device", "cpu",
-    ])
-    names = (DATA / "test" / "list.txt").read_text().split()
-    report(OUT, DATA / "test_gt", names)
-    print(f"\nMeshes: {OUT}/shapesample/*.ply (best shape), {OUT}/flamesample/*.ply (expression samples)")
-    print(f"Pictures: {OUT}/<name>/overlay.png (mesh on the face), {OUT}/<name>/samples.png (expression samples)")
+    ckpt = checkpoints(args.train)
+    if args.train or args.photos is None:
+        if not make_data(args.train, args.actors):
+            return 2
+    if args.train:
+        for stage, cfg in STAGES:
+            train(stage, ["--cfg", cfg, "--resume", *(arg for o in args.opt for arg in ("--opt", o))])
+        print(f"Training logs: tensorboard --logdir {TRAINED}")
+    if args.photos is not None:
+        code = photos(args.photos, args.keypoints, ckpt, Path("output/demo_photos"))
+    else:
+        out = Path("output/demo_trained" if args.train else "output/demo")
+        code = run_and_show(test_command(ckpt, DATA / "test" / "list.txt", DATA / "test", out))
+        if code == 0:
+            print(f"\nModels: {', '.join(str(p) for p in ckpt.values())}\n")
+            print(format_table(synthetic_table(out, DATA, load_config(TEST_CFG).model.jaw_scale)))
+        where(out)
     print(f"Demo finished in {time.perf_counter() - start:.0f} s")
     return code
 

@@ -79,6 +79,7 @@ class NetConfig:
     flame_dim: Count = 300  # D: 300 shape (IdGen) or 50 expression + 3 jaw (ExpGen)
     context_dim: Count = 512  # C: 512 ArcFace (IdGen), 1024 FaRL+ArcFace (ExpGen, IdRank)
     dims: list[Count] = field(default_factory=lambda: [300, 50, 10])
+    hidden_dims: list[Count] = field(default_factory=lambda: [4096, 1024, 256, 64])  # IdRank widths (original)
     numqkv: Count = 16
     losstype: Literal["l1", "mse"] = "l1"
 

@@ -23,7 +23,11 @@ NAME is SYNTH (training actors) and SYNTHVAL (held-out validation actors). Groun
 for the test images: the neutral identity mesh and the expressive mesh in mm, the 7 NoW
 landmarks, and a per-vertex mask of the vertices covered by the occluder.
 
-Command: ``python -m ofer.data.synthetic --out data/synthetic [--actors 1500 ...]``.
+The test set draws from its own random stream, so it does not depend on the number of
+actors and ``--test-only`` (``generate(..., training=False)``) writes just the model and the
+test set, in seconds.
+
+Command: ``python -m ofer.data.synthetic --out data/synthetic [--actors 1500 ...] [--test-only]``.
 """
 
 from __future__ import annotations
@@ -53,7 +57,10 @@ FOCAL = 700.0  # pixels; with DISTANCE the head spans about 80% of the image hei
 DISTANCE = 0.55  # metres from the camera
 N_SHAPE, N_EXP = 300, 100  # coefficients stored per fit (MICA `betas` = 300 shape + 100 expression)
 # Bumped whenever the generator makes different data; written to <out>/VERSION.
-GENERATOR_VERSION = "2"  # 2: painted features, few strong identity/expression components
+# 2: painted features, few strong identity/expression components; 3: the test set draws from
+# its own random stream (the training actors are the same as in 2).
+GENERATOR_VERSION = "3"
+TEST_STREAM = 1  # the test set's generator is default_rng([seed, TEST_STREAM]): independent of the actor counts
 
 
 @dataclass
@@ -207,19 +214,24 @@ class SampleMaker:
         return {"crop": crop, "arcface": arcface, "occluded": occluded, "vertices": verts}
 
 
-def generate(out: Path, settings: SyntheticSettings) -> Path:
-    """Write the whole synthetic data set under `out` (see the module docstring); return `out`."""
+def generate(out: Path, settings: SyntheticSettings, training: bool = True) -> Path:
+    """Write the synthetic data set under `out` (see the module docstring); return `out`.
+
+    With `training=False` only the model (flame/) and the held-out test set are written, in
+    seconds: the same test set as a full run, since it has its own random stream.
+    """
     out = Path(out)
     paths = write_synthetic_flame(out / "flame", seed=settings.seed)
     flame = FLAME(str(paths.model), n_shape=N_SHAPE, n_exp=50, landmark_embedding_path=str(paths.landmarks))
     maker = SampleMaker(flame, settings)
     write_ply(out / "flame" / "mean_shape.ply", maker.template * 1000.0, maker.renderer.faces)
-    rng = np.random.default_rng(settings.seed)
-    _write_actors(out, "SYNTH", settings.actors, maker, settings, rng)
-    _write_actors(out, "SYNTHVAL", settings.val_actors, maker, settings, rng)
-    _write_test_set(out, maker, settings, rng)
+    if training:
+        rng = np.random.default_rng(settings.seed)
+        _write_actors(out, "SYNTH", settings.actors, maker, settings, rng)
+        _write_actors(out, "SYNTHVAL", settings.val_actors, maker, settings, rng)
+    _write_test_set(out, maker, settings, np.random.default_rng([settings.seed, TEST_STREAM]))
     (out / "VERSION").write_text(GENERATOR_VERSION + "\n")
-    log.info("synthetic data set written to %s", out)
+    log.info("synthetic %s written to %s", "data set" if training else "model and test set", out)
     return out
 
 
@@ -230,6 +242,11 @@ def generator_version(out: Path) -> str | None:
         return None
     stamp = out / "VERSION"
     return stamp.read_text().strip() if stamp.is_file() else "1"
+
+
+def has_training_data(out: Path) -> bool:
+    """Whether `out` holds the training actors (a `training=False` run writes none)."""
+    return all((Path(out) / "image_paths" / f"{name}.npy").is_file() for name in ("SYNTH", "SYNTHVAL"))
 
 
 def _write_actors(out: Path, name: str, count: int, maker: SampleMaker, s: SyntheticSettings,
@@ -290,10 +307,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True, help="output root, e.g. data/synthetic")
     for key, value in vars(defaults).items():
         p.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=value)
+    p.add_argument("--test-only", action="store_true", help="only the model and the held-out test set (seconds)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     settings = SyntheticSettings(**{k: getattr(args, k) for k in vars(defaults)})
-    print(f"synthetic data set written to {generate(Path(args.out), settings)}")
+    print(f"synthetic data written to {generate(Path(args.out), settings, training=not args.test_only)}")
 
 
 if __name__ == "__main__":

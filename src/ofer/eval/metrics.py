@@ -183,17 +183,31 @@ def _nanmean(values: Sequence[float]) -> float:
     return float(np.mean(finite)) if finite else math.nan
 
 
+COLUMN_NAMES = {"ranked": "rank", "oracle": "orac", "mean": "mean", "diversity": "dive"}
+
+
+def legend(ranked_index: int = 0) -> str:
+    """What the abbreviated column headers of `format_report` mean."""
+    return "\n".join([
+        "All values in mm: errors are mean per-vertex distances to the ground truth, diversity is a spread.",
+        f"  rank = the ranked pick (sample k={ranked_index}); orac = the best sample (oracle, best of S);",
+        "  mean = the average mesh of the samples; dive = diversity, per-vertex spread of the samples;",
+        "  /all, /vis, /occ = all vertices, the visible ones, the occluded ones (nan: no occluder or no mask).",
+    ])
+
+
 def format_report(report: dict) -> str:
-    """Per-image rows and the mean over images, errors and diversity in mm."""
+    """Per-image rows and the mean over images, errors and diversity in mm, with a legend."""
     columns = [("ranked", "all"), ("ranked", "visible"), ("ranked", "occluded"), ("oracle", "all"),
                ("oracle", "occluded"), ("mean", "all"), ("diversity", "visible"), ("diversity", "occluded")]
-    header = f"{'image':<24}" + "".join(f"{f'{k[:4]}/{r[:3]}':>10}" for k, r in columns)
+    header = f"{'image':<24}" + "".join(f"{f'{COLUMN_NAMES[k]}/{r[:3]}':>10}" for k, r in columns)
     rows = [f"{name[:24]:<24}" + "".join(f"{r[k][reg]:>10.3f}" for k, reg in columns)
             for name, r in report["per_image"].items()]
     mean = report["mean_over_images"]
     if mean:
         rows.append(f"{'MEAN':<24}" + "".join(f"{mean[k][reg]:>10.3f}" for k, reg in columns))
-    return "\n".join([header, *rows, f"missing predictions: {report['n_missing']} of {report['n_images']}"])
+    return "\n".join([header, *rows, f"missing predictions: {report['n_missing']} of {report['n_images']}",
+                      legend(report["ranked_index"])])
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

@@ -48,7 +48,8 @@ class IdRankNet(nn.Module):
 
     With the defaults (shape_dim 5355 = 1785 front vertices x 3, context 1024) the state dict
     matches the original `ranklayers.{i}.mlp|scale|shift|gn` layout, 59,505,986 parameters.
-    `hidden_dims` exists for small test networks; every hidden width must be divisible by 8.
+    `hidden_dims` (config `net.hidden_dims`) narrows it for the demo and for tests; every hidden
+    width must be divisible by 8.
     """
 
     def __init__(

@@ -119,7 +119,7 @@ class IdRank(ImageContext):
                 f"net.context_dim={cfg.net.context_dim} but model.expencoder={cfg.model.expencoder!r} "
                 f"gives {self.context_dim}"
             )
-        self.net = IdRankNet(shape_dim=shape_dim, context_dim=cfg.net.context_dim)
+        self.net = IdRankNet(shape_dim=shape_dim, context_dim=cfg.net.context_dim, hidden_dims=cfg.net.hidden_dims)
 
     def scores(self, features: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """features (B, N, 2*shape_dim), context (B, C) -> scores (B, N)."""

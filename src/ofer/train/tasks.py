@@ -26,6 +26,18 @@ log = logging.getLogger(__name__)
 
 Batch = dict[str, Any]
 
+# What each validation metric is (logged once per run); errors are mean per-vertex distances in mm.
+METRIC_NOTES = {
+    "val/vertex_error_mm": "one sample vs the truth (ExpGen: applied to the true identity)",
+    "val/mean_face_error_mm": "the model's mean face vs the truth, the baseline a sample should beat",
+    "val/neutral_face_error_mm": "the true identity with no expression vs the truth, the baseline a sample should beat",
+    "val/ranked_error_mm": "IdRank's pick of the N IdGen samples vs the truth (front face, mean |dx|)",
+    "val/random_error_mm": "a random one of the N samples (their mean error), the baseline the pick should beat",
+    "val/oracle_error_mm": "the best of the N samples, the lower bound for the pick",
+    "val/top1_accuracy": "share of images whose pick is exactly the best of the N samples",
+    "val/top1_chance": "top1_accuracy of a random pick (1/N)",
+}
+
 
 def flatten_images(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, K, 3, H, W) crops -> (B*K, 3, H, W), for the 224 and the 112 crop."""
@@ -93,12 +105,14 @@ class DiffusionTask(nn.Module):
     def validate(self, batch: Batch, generator: torch.Generator) -> dict[str, float]:
         """Mean vertex error (mm) of sampled FLAME meshes vs ground truth, and of a trivial baseline.
 
-        IdGen's baseline is the mean shape (zero coefficients), ExpGen's the neutral face.
+        IdGen's baseline is the model's mean face (zero coefficients), ExpGen's the neutral
+        face of the true identity (zero expression and jaw); see METRIC_NOTES.
         """
         truth, sample, base = self._truth_and_sample(batch, generator)
+        baseline = "val/mean_face_error_mm" if self.cfg.stage == "idgen" else "val/neutral_face_error_mm"
         return {
             "val/vertex_error_mm": (sample - truth).norm(dim=-1).mean().item(),
-            "val/baseline_error_mm": (base - truth).norm(dim=-1).mean().item(),
+            baseline: (base - truth).norm(dim=-1).mean().item(),
         }
 
     @torch.no_grad()
@@ -172,6 +186,7 @@ class IdRankTask(nn.Module):
             "val/random_error_mm": errors.mean().item(),
             "val/oracle_error_mm": errors.min(dim=1).values.mean().item(),
             "val/top1_accuracy": (scores.argmax(1) == errors.argmin(1)).float().mean().item(),
+            "val/top1_chance": 1.0 / errors.shape[1],
         }
 
 

@@ -35,7 +35,7 @@ from ofer.config import Config, config_to_dict
 from ofer.data.datasets import ExpressionDataset, IdentityDataset
 from ofer.io import InputError, remove_stale_temporaries
 from ofer.progress import progress
-from ofer.train.tasks import build_task, param_groups
+from ofer.train.tasks import METRIC_NOTES, build_task, param_groups
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +145,7 @@ class Trainer:
         self.recent: list[float] = []  # training losses (mean over ranks) since the last validation
         self.seconds = 0.0  # training wall time before this process, kept across resumes
         self.last_picture: np.ndarray | None = None  # rendered validation samples, for tensorboard
+        self._metrics_explained = False  # the metric descriptions are logged at the first validation
         self._started = time.perf_counter()
         if resume:
             self._resume()
@@ -315,6 +316,9 @@ class Trainer:
             if self.last_picture is not None:  # BGR -> RGB for tensorboard
                 writer.add_image("val/truth_vs_sample", self.last_picture[..., ::-1].copy(), self.step, dataformats="HWC")
         if metrics:
+            if not self._metrics_explained:
+                log.info("validation metrics: %s", "; ".join(f"{k}: {METRIC_NOTES[k]}" for k in metrics if k in METRIC_NOTES))
+                self._metrics_explained = True
             log.info("step %d: %s", self.step, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         if value < self.best:
             self.best = value

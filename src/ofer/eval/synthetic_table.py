@@ -1,0 +1,111 @@
+"""The demo's error table: test.py outputs on the synthetic test set against its ground truth.
+
+For each held-out synthetic image (`ofer.data.synthetic`: `<data>/test_gt/`) and test.py's
+outputs for it (`<out>/shapesample/`, `<out>/flamesample/`, `<out>/<name>.npz`), all in mm
+(mean per-vertex distance):
+
+- identity: IdRank's pick, a random IdGen sample (mean over the N) and the model's mean face,
+  each against the true neutral identity;
+- expression with the reconstructed identity (what test.py writes): the first expression
+  sample and the pick's neutral face, each against the true expressive mesh;
+- expression with the true identity (as `bench/synthetic_accuracy.py` and the README's
+  benchmark measure it, so only expression and jaw count): the first sample's expression and
+  jaw on the true identity, and the true neutral face, against the true expressive mesh;
+- diversity of the saved expression samples on the visible and on the occluded vertices.
+
+Each expression sample is compared with the neutral face of the same identity, so the two
+pairs of columns read alike: a sample beats "neutral" when it gets the expression right.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ofer.eval.metrics import evaluate_samples, find_samples, vertex_errors
+from ofer.flame import FLAME
+from ofer.io import InputError, load_array, read_mesh
+
+COLUMNS = {  # key -> legend
+    "shape_pick": "IdRank's pick (neutral) vs the true identity",
+    "shape_random": "a random IdGen sample (mean over the N) vs the true identity",
+    "mean_face": "the model's mean face vs the true identity (baseline)",
+    "exp_first": "first expression sample, reconstructed identity, vs the true expressive mesh",
+    "exp_neutral": "the pick's neutral face vs the true expressive mesh (baseline for exp_first)",
+    "exp_first*": "first sample's expression and jaw on the TRUE identity vs the true expressive mesh",
+    "exp_neutral*": "the true neutral face vs the true expressive mesh (baseline for exp_first*)",
+    "div_vis": "spread of the saved expression samples on the visible vertices",
+    "div_occ": "the same on the occluded vertices ('-': the image has no occluder)",
+}
+
+
+def _mesh(path: Path) -> np.ndarray:
+    vertices, _ = read_mesh(path)
+    return vertices
+
+
+def image_row(out: Path, gt: Path, name: str, flame: FLAME, mean_face: np.ndarray, jaw_scale: float) -> dict[str, float]:
+    """The table's values (mm) for one image; `flame` takes the ground truth's full shape vector."""
+    neutral_gt, expr_gt = _mesh(gt / "neutral" / f"{name}.ply"), _mesh(gt / f"{name}.ply")
+    occluded = load_array(gt / f"{name}_occlusion.npy", (len(expr_gt),)).astype(bool)
+    truth = np.load(gt / f"{name}_params.npz")
+    pick = _mesh(out / "shapesample" / f"{name}_0.ply")
+    sample_paths = find_samples(out, name)
+    if not sample_paths:
+        raise InputError(f"{out / 'flamesample'}: no expression samples of {name}")
+    samples = np.stack([_mesh(p) for p in sample_paths])  # (S, V, 3)
+    rec = np.load(out / f"{name}.npz")
+    with torch.no_grad():
+        shapes = torch.from_numpy(rec["shapes"]).float()  # (N, n_shape of IdGen)
+        shapes = torch.nn.functional.pad(shapes, (0, flame.n_shape - shapes.shape[1]))
+        shape_samples = flame(shapes).numpy() * 1000.0  # (N, V, 3)
+        expression = torch.from_numpy(rec["expressions"][:1]).float()  # (1, n_exp of ExpGen)
+        expression = torch.nn.functional.pad(expression, (0, flame.n_exp - expression.shape[1]))
+        true_shape = torch.from_numpy(truth["shape"][None]).float()[:, : flame.n_shape]
+        first_on_truth = flame(true_shape, expression=expression,
+                               jaw=jaw_scale * torch.from_numpy(rec["jaws"][:1]).float())[0].numpy() * 1000.0
+    spread = evaluate_samples(samples, expr_gt, occluded)["diversity"]  # an all-False mask: visible = all
+    return {
+        "shape_pick": float(vertex_errors(pick, neutral_gt).mean()),
+        "shape_random": float(vertex_errors(shape_samples, neutral_gt).mean()),
+        "mean_face": float(vertex_errors(mean_face, neutral_gt).mean()),
+        "exp_first": float(vertex_errors(samples[0], expr_gt).mean()),
+        "exp_neutral": float(vertex_errors(pick, expr_gt).mean()),
+        "exp_first*": float(vertex_errors(first_on_truth, expr_gt).mean()),
+        "exp_neutral*": float(vertex_errors(neutral_gt, expr_gt).mean()),
+        "div_vis": spread["visible"],
+        "div_occ": spread["occluded"],
+    }
+
+
+def synthetic_table(out: str | Path, data: str | Path, jaw_scale: float = 1.0) -> dict[str, dict[str, float]]:
+    """Rows per image of `<data>/test/list.txt` plus "MEAN" (mean over the images that have a value).
+
+    `jaw_scale` is the test config's `model.jaw_scale` (the demo's is 1.0).
+    """
+    out, data = Path(out), Path(data)
+    gt = data / "test_gt"
+    flame = FLAME(str(data / "flame" / "generic_model.pkl"), n_shape=300, n_exp=50)
+    mean_face = _mesh(data / "flame" / "mean_shape.ply")
+    names = (data / "test" / "list.txt").read_text().split()
+    rows = {name: image_row(out, gt, name, flame, mean_face, jaw_scale) for name in names}
+    rows["MEAN"] = {k: _nanmean([r[k] for r in rows.values()]) for k in COLUMNS}
+    return rows
+
+
+def _nanmean(values: list[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return float(np.mean(finite)) if finite else math.nan
+
+
+def format_table(rows: dict[str, dict[str, float]]) -> str:
+    """The rows as text with a legend; values in mm."""
+    lines = [f"{'image':<14}" + "".join(f"{k:>13}" for k in COLUMNS)]
+    for name, row in rows.items():
+        lines.append(f"{name:<14}" + "".join(f"{'-' if math.isnan(row[k]) else f'{row[k]:.2f}':>13}" for k in COLUMNS))
+    lines.append("\nAll values in mm (mean per-vertex distance); lower errors are better.")
+    lines += [f"  {k:<13} {text}" for k, text in COLUMNS.items()]
+    return "\n".join(lines)

@@ -1,0 +1,133 @@
+"""The demo: bundled inference-only models, the quick synthetic test set, the error table, photos."""
+
+import json
+import math
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, demo_config
+from ofer.checkpoints import checkpoint_config, load_state, read_checkpoint
+from ofer.data.synthetic import SyntheticSettings, generate, has_training_data
+from ofer.eval.synthetic_table import COLUMNS, format_table, synthetic_table
+from ofer.inference.bundle import make_bundle, write_bundle
+from ofer.inference.cli import main as run_test
+from ofer.models.stages import DiffusionStage
+from ofer.train.trainer import Trainer
+
+BUNDLED = REPO / "models" / "demo"
+STAGES = ("idgen", "expgen", "idrank")
+TRAINING_ONLY = {"optimizer", "scheduler", "rng", "train_weights", "ema_n_averaged", "best", "var_sched"}
+
+
+@pytest.fixture(scope="module")
+def demo_test_set(tmp_path_factory):
+    """The demo's synthetic model (seed 0, as the bundle was trained on) and 4 test images, no training set."""
+    root = tmp_path_factory.mktemp("demo") / "synthetic"
+    return generate(root, SyntheticSettings(test_images=4), training=False)
+
+
+def test_test_only_data_is_the_test_set_of_a_full_run(tmp_path):
+    small = SyntheticSettings(actors=2, val_actors=1, images_per_actor=1, test_images=2)
+    full = generate(tmp_path / "full", small)
+    quick = generate(tmp_path / "quick", small, training=False)
+    other = generate(tmp_path / "other", SyntheticSettings(actors=3, val_actors=1, images_per_actor=1, test_images=2))
+    assert has_training_data(full) and not has_training_data(quick)
+    names = (full / "test" / "list.txt").read_text().split()
+    assert names == (quick / "test" / "list.txt").read_text().split()
+    for name in names:  # the same test images, whatever the number of training actors
+        for root in (quick, other):
+            assert np.array_equal(np.load(full / "test" / f"{name}.npy"), np.load(root / "test" / f"{name}.npy"))
+            assert (full / "test_gt" / f"{name}.ply").read_bytes() == (root / "test_gt" / f"{name}.ply").read_bytes()
+
+
+def test_bundle_is_inference_only_and_loads_as_float32(synthetic_root, tmp_path):
+    trainer = Trainer(demo_config("idgen", synthetic_root, tmp_path / "run", "train.max_steps=2", "train.val_steps=2",
+                                  "train.val_batches=1", "train.ema_decay=0.9", "test.steps=2"))
+    source = trainer.fit()
+    path = write_bundle(source, tmp_path / "idgen.tar", "float16", made_by="a test")
+    bundle = read_checkpoint(path)
+    assert not TRAINING_ONLY & set(bundle)
+    assert bundle["bundle"]["made_by"] == "a test" and bundle["bundle"]["dtype"] == "float16"
+    assert all(v.dtype == torch.float16 for part in ("net", "arcface") for v in bundle[part].values() if v.is_floating_point())
+    assert path.stat().st_size < source.stat().st_size / 4  # no raw copy, no optimiser, half precision
+
+    trained = read_checkpoint(source)
+    model = DiffusionStage(checkpoint_config(bundle, "unused.yml"), load_weights=False)
+    load_state(bundle, model, path)
+    for key, value in model.net.state_dict().items():
+        assert value.dtype == torch.float32
+        assert torch.equal(value, trained["net"][key].half().float())  # the EMA weights, rounded to float16
+    assert bundle["net"].keys() == trained["net"].keys()
+
+
+def test_bundle_keeps_float32_when_asked():
+    state = {"w": torch.randn(3), "count": torch.tensor(4)}
+    bundle = make_bundle({"net": state, "optimizer": {}, "config": {"stage": "idgen", "train": {"seed": 5}}}, "float32")
+    assert torch.equal(bundle["net"]["w"], state["w"]) and bundle["net"]["count"].dtype == torch.int64
+    assert "optimizer" not in bundle and bundle["bundle"]["train_seed"] == 5
+    with pytest.raises(ValueError, match="dtype"):
+        make_bundle({"net": state}, "int8")
+
+
+def test_bundled_models_are_small_and_inference_only():
+    files = [BUNDLED / f"{stage}.tar" for stage in STAGES]
+    assert sum(f.stat().st_size for f in files) <= 20 * 1024 * 1024
+    for f in files:
+        ckpt = read_checkpoint(f)
+        assert not TRAINING_ONLY & set(ckpt), f
+        assert ckpt["bundle"]["made_by"], f  # how it was trained is recorded in the file
+
+
+def test_bundled_models_beat_the_baselines(demo_test_set, tmp_path):
+    """test.py with the bundled files on 4 held-out faces: better than mean face, random sample, neutral face."""
+    out = tmp_path / "out"
+    code = run_test(["--cfg", str(REPO / "configs" / "demo" / "test.yml"),
+                     "--checkpoint1", str(BUNDLED / "idrank.tar"), "--checkpoint2", str(BUNDLED / "idgen.tar"),
+                     "--checkpoint3", str(BUNDLED / "expgen.tar"),
+                     "--filename", str(demo_test_set / "test" / "list.txt"), "--imagepath", str(demo_test_set / "test"),
+                     "--outputpath", str(out), "--device", "cpu", "--num-shapes", "16", "--num-expressions", "4",
+                     "--opt", f"model.flame_model_path={demo_test_set / 'flame' / 'generic_model.pkl'}",
+                     "--opt", f"model.flame_lmk_embedding_path={demo_test_set / 'flame' / 'landmark_embedding.npy'}",
+                     "--opt", f"model.front_indices_path={demo_test_set / 'flame' / 'frontindices.npy'}"])
+    assert code == 0
+    rows = synthetic_table(out, demo_test_set)
+    mean = rows["MEAN"]
+    assert mean["shape_pick"] < mean["mean_face"]
+    assert mean["shape_pick"] < mean["shape_random"]
+    assert mean["exp_first*"] < mean["exp_neutral*"]
+    # Diversity on the visible vertices exists for every image; on the occluded ones only where there is an occluder.
+    for name, row in rows.items():
+        if name != "MEAN":
+            assert math.isfinite(row["div_vis"]) and row["div_vis"] > 0
+            assert math.isnan(row["div_occ"]) == name.startswith("clear")
+    text = format_table(rows)
+    assert all(key in text for key in COLUMNS) and "mm" in text
+
+
+def test_demo_photos_runs_preprocess_and_test(demo_test_set, tmp_path, monkeypatch, capsys):
+    """`demo.py --photos DIR --keypoints FILE`: crops, meshes, pictures, and the warning about synthetic models."""
+    import cv2
+
+    sys.path.insert(0, str(REPO))
+    import demo
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    crop = cv2.imread(str(demo_test_set / "test" / "clear_02.jpg"))
+    cv2.imwrite(str(photos / "face.jpg"), crop)
+    # The 224 crop places the eyes, nose and mouth near these points (the ArcFace template scaled up).
+    kps = [[80, 95], [144, 95], [112, 130], [86, 165], [138, 165]]
+    (tmp_path / "kps.json").write_text(json.dumps({"face.jpg": {"kps": kps}}))
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "synthetic").symlink_to(demo_test_set)
+    monkeypatch.chdir(tmp_path)  # the test config's FLAME paths are relative: data/synthetic/...
+    monkeypatch.setattr(demo, "TEST_CFG", str(REPO / "configs" / "demo" / "test.yml"))
+    ckpt = {stage: BUNDLED / f"{stage}.tar" for stage in STAGES}
+    assert demo.photos(photos, tmp_path / "kps.json", ckpt, tmp_path / "out") == 0
+    printed = capsys.readouterr().out
+    assert (tmp_path / "out" / "shapesample" / "face_0.ply").is_file()
+    assert (tmp_path / "out" / "face" / "overlay.png").is_file()
+    assert "not meaningful" in printed and "python test.py" in printed and "python -m ofer.preprocess" in printed
