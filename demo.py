@@ -105,7 +105,9 @@ def photos(folder: Path, keypoints: Path | None, ckpt: dict[str, Path], out: Pat
     if keypoints is not None:
         command += ["--keypoints", str(keypoints)]
     print(f"preprocess command:\n  {shlex.join(['python', *command[1:]])}")
-    if subprocess.run(command).returncode != 0 or not (crops / "list.txt").read_text().split():
+    code = subprocess.run(command).returncode  # 1: some photos failed, the others are cropped
+    listed = crops / "list.txt"
+    if code not in (0, 1) or not listed.is_file() or not listed.read_text().split():
         log.error("no face was cropped from %s; see %s (give --keypoints FILE to place the faces by hand)",
                   folder, crops / "preprocess_report.json")
         return 1
