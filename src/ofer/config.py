@@ -142,6 +142,8 @@ class TestConfig:
     exp_sampling: Literal["ddpm", "ddim", "ddim_legacy"] = "ddpm"  # ExpGen
     exp_steps: Optional[int] = None
     seed: int = 0
+    dtype: Literal["float32", "bfloat16"] = "float32"  # networks at inference (bfloat16: autocast)
+    cuda_graph: bool = False  # on CUDA, replay each denoiser call as a captured CUDA graph
     # Stage configs for checkpoints that carry none (the released original files).
     idgen_config: str = "configs/idgen_flame20.yml"
     expgen_config: str = "configs/expgen_flame20.yml"
