@@ -171,22 +171,26 @@ class Attention(nn.Module):
         self.to_out_linear = nn.Linear(numqkv, 1)
 
     def stacked_weight(self) -> torch.Tensor:
-        """The numqkv projections as one matrix (numqkv·384, dim), projection i in rows i·384…"""
-        return torch.cat([proj.weight[:, :, 0] for proj in self.to_qkv])
+        """The numqkv projections as one matrix (h·3·numqkv·d, dim), its rows ordered (head,
+        q|k|v, projection, channel) so that a product viewed as (B·h, 3, numqkv, d) holds each
+        head's q, k and v as contiguous blocks (batched matrix products without copies)."""
+        n, heads, dim_head = self.numqkv, ATTN_HEADS, ATTN_DIM_HEAD
+        weight = torch.stack([proj.weight[:, :, 0] for proj in self.to_qkv])  # (n, 384, dim)
+        # Channels of projection i are [q | k | v], each head-major (h d).
+        weight = weight.view(n, 3, heads, dim_head, -1).permute(2, 1, 0, 3, 4)  # (h, 3, n, d, dim)
+        return weight.reshape(heads * 3 * n * dim_head, -1)
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, dim) -> (B, dim); ``weight``: ``stacked_weight()`` computed beforehand, or None."""
         batch = x.shape[0]
         n, heads, dim_head = self.numqkv, ATTN_HEADS, ATTN_DIM_HEAD
-        qkv = F.linear(x, self.stacked_weight() if weight is None else weight)  # (B, n·384)
-        # Channels of projection i are [q | k | v], each head-major (h d).
-        qkv = qkv.view(batch, n, 3, heads, dim_head)  # (B, n, 3, h, d)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 × (B, h, n, d)
-        attn = ((q * dim_head**-0.5) @ k.transpose(-1, -2)).softmax(dim=-1)  # (B, h, n, n)
+        qkv = F.linear(x, self.stacked_weight() if weight is None else weight)  # (B, h·3·n·d)
+        q, k, v = qkv.view(batch * heads, 3, n, dim_head).unbind(1)  # 3 × (B·h, n, d)
+        attn = (torch.bmm(q, k.transpose(1, 2)) * dim_head**-0.5).softmax(dim=-1)  # (B·h, n, n)
         # to_out_linear first: Σ_i w_i·(attn @ v)_i = (w @ attn) @ v, one token per head.
         w = self.to_out_linear.weight  # (1, n)
-        out = (w @ attn) @ v  # (B, h, 1, d)
-        out = out.reshape(batch, heads * dim_head)  # (B, h·d)
+        out = torch.bmm(torch.matmul(w, attn), v)  # (B·h, 1, d)
+        out = out.view(batch, heads * dim_head)  # (B, h·d), head-major as to_out expects
         # then to_out; its bias passes through to_out_linear as bias·Σ_i w_i
         bias = self.to_out.bias * w.sum() + self.to_out_linear.bias  # (dim,)
         return F.linear(out, self.to_out.weight[:, :, 0], bias)  # (B, dim)
