@@ -175,10 +175,10 @@ class Attention(nn.Module):
         q|k|v, projection, channel) so that a product viewed as (B·h, 3, numqkv, d) holds each
         head's q, k and v as contiguous blocks (batched matrix products without copies)."""
         n, heads, dim_head = self.numqkv, ATTN_HEADS, ATTN_DIM_HEAD
-        weight = torch.stack([proj.weight[:, :, 0] for proj in self.to_qkv])  # (n, 384, dim)
         # Channels of projection i are [q | k | v], each head-major (h d).
-        weight = weight.view(n, 3, heads, dim_head, -1).permute(2, 1, 0, 3, 4)  # (h, 3, n, d, dim)
-        return weight.reshape(heads * 3 * n * dim_head, -1)
+        per_head = [proj.weight[:, :, 0].view(3, heads, dim_head, -1).transpose(0, 1) for proj in self.to_qkv]
+        weight = torch.stack(per_head, dim=2)  # (h, 3, n, d, dim), one copy
+        return weight.view(heads * 3 * n * dim_head, -1)
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, dim) -> (B, dim); ``weight``: ``stacked_weight()`` computed beforehand, or None."""
