@@ -76,31 +76,36 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
           f"best of {args.repeats} interleaved rounds of {args.calls} calls; old code: {args.old}")
     print("\n| network | call | old ms | new ms | old/new | max abs diff |\n|---|---|---|---|---|---|")
-    for name, (flame_dim, context_dim, dims) in CONFIGS.items():
-        torch.manual_seed(0)
-        new = Denoiser(flame_dim, context_dim, dims)
-        old = old_module.Denoiser(flame_dim, context_dim, dims)
-        old.load_state_dict(new.state_dict())
-        gen = torch.Generator().manual_seed(1)
-        x = torch.randn(args.batch, flame_dim, generator=gen)
-        context = torch.randn(args.batch, context_dim, generator=gen)
-        t = torch.full((args.batch,), 500)
+    for name, sizes in CONFIGS.items():
+        compare(name, sizes, old_module, args)
 
-        new.eval(), old.eval()
-        with torch.no_grad():
-            fast = new.sampler(context)  # once per sampling run
-            times = best_times({"old": lambda: old(x, t, context), "new": lambda: fast(x, t)},
-                               args.repeats, args.calls)
-            diff = (fast(x, t) - old(x, t, context)).abs().max().item()
-        print(f"| {name} | sampling (fast path) | {1e3 * times['old']:.2f} | {1e3 * times['new']:.2f} | "
-              f"{times['old'] / times['new']:.2f}x | {diff:.1e} |", flush=True)
 
-        new.train(), old.train()
-        times = best_times({"old": lambda: train_step(old, x, t, context), "new": lambda: train_step(new, x, t, context)},
-                           args.repeats, args.calls)
-        diff = (train_step(new, x, t, context) - train_step(old, x, t, context)).abs().max().item()
-        print(f"| {name} | training step (fwd+bwd) | {1e3 * times['old']:.2f} | {1e3 * times['new']:.2f} | "
-              f"{times['old'] / times['new']:.2f}x | {diff:.1e} (grads {max_grad_diff(new, old):.1e}) |", flush=True)
+def compare(name: str, sizes: tuple, old_module, args: argparse.Namespace) -> None:
+    """Print the sampling-call and training-step rows of one network."""
+    flame_dim, context_dim, dims = sizes
+    torch.manual_seed(0)
+    new = Denoiser(flame_dim, context_dim, dims)
+    old = old_module.Denoiser(flame_dim, context_dim, dims)
+    old.load_state_dict(new.state_dict())
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(args.batch, flame_dim, generator=gen)
+    context = torch.randn(args.batch, context_dim, generator=gen)
+    t = torch.full((args.batch,), 500)
+
+    new.eval(), old.eval()
+    with torch.no_grad():
+        fast = new.sampler(context)  # once per sampling run
+        times = best_times({"old": lambda: old(x, t, context), "new": lambda: fast(x, t)}, args.repeats, args.calls)
+        diff = (fast(x, t) - old(x, t, context)).abs().max().item()
+    print(f"| {name} | sampling (fast path) | {1e3 * times['old']:.2f} | {1e3 * times['new']:.2f} | "
+          f"{times['old'] / times['new']:.2f}x | {diff:.1e} |", flush=True)
+
+    new.train(), old.train()
+    times = best_times({"old": lambda: train_step(old, x, t, context), "new": lambda: train_step(new, x, t, context)},
+                       args.repeats, args.calls)
+    diff = (train_step(new, x, t, context) - train_step(old, x, t, context)).abs().max().item()
+    print(f"| {name} | training step (fwd+bwd) | {1e3 * times['old']:.2f} | {1e3 * times['new']:.2f} | "
+          f"{times['old'] / times['new']:.2f}x | {diff:.1e} (grads {max_grad_diff(new, old):.1e}) |", flush=True)
 
 
 if __name__ == "__main__":

@@ -152,7 +152,7 @@ def main() -> None:
                                 ("ExpGen", pipe.expgen.net, b * args.num_expressions)):
             eps = network_call(net, torch.randn(rows, net.context_dim, device=device), dtype)
             x, t = torch.randn(rows, net.flame_dim, device=device), torch.full((rows,), 500, device=device)
-            calls[name] = time_call(lambda: eps(x, t), device)
+            calls[name] = time_call(lambda eps=eps, x=x, t=t: eps(x, t), device)
     print(f"one IdGen call (batch {b * args.num_shapes}): {1000 * calls['IdGen']:.1f} ms; "
           f"one ExpGen call (batch {b * args.num_expressions}): {1000 * calls['ExpGen']:.1f} ms")
 

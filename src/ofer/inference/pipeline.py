@@ -88,7 +88,7 @@ class OferPipeline:
 
     @classmethod
     def from_checkpoints(cls, cfg: Config, idrank_path: str | Path, idgen_path: str | Path,
-                         expgen_path: str | Path, device: torch.device) -> "OferPipeline":
+                         expgen_path: str | Path, device: torch.device) -> OferPipeline:
         """Build the stages from their checkpoints (original OFER files or ours).
 
         Our checkpoints carry their config; original files use the YAMLs named in `test.*_config`.

@@ -19,7 +19,6 @@ from ofer.diffusion.noise import Generators
 from ofer.encoders import build_arcface, build_farl
 from ofer.models.idrank import IdRankNet
 
-
 EncoderRun = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
 
