@@ -189,7 +189,7 @@ class Attention(nn.Module):
         attn = (torch.bmm(q, k.transpose(1, 2)) * dim_head**-0.5).softmax(dim=-1)  # (B·h, n, n)
         # to_out_linear first: Σ_i w_i·(attn @ v)_i = (w @ attn) @ v, one token per head.
         w = self.to_out_linear.weight  # (1, n)
-        out = torch.bmm(torch.matmul(w, attn), v)  # (B·h, 1, d)
+        out = torch.bmm(torch.bmm(w.expand(batch * heads, 1, n), attn), v)  # (B·h, 1, d)
         out = out.view(batch, heads * dim_head)  # (B, h·d), head-major as to_out expects
         # then to_out; its bias passes through to_out_linear as bias·Σ_i w_i
         bias = self.to_out.bias * w.sum() + self.to_out_linear.bias  # (dim,)
