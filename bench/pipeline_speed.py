@@ -121,7 +121,6 @@ def main() -> None:
     p.add_argument("--num-expressions", type=int, default=100)
     p.add_argument("--front", type=int, default=1785, help="front-face vertices used by IdRank")
     p.add_argument("--tiny-encoders", action="store_true")
-    p.add_argument("--compile", action="store_true", help="torch.compile the two denoisers")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="test.dtype")
     p.add_argument("--cuda-graph", action="store_true", help="test.cuda_graph: replay denoiser calls as CUDA graphs")
     p.add_argument("--only", nargs="*", help="labels of the settings to run (default: all)")
@@ -136,9 +135,6 @@ def main() -> None:
     pipe = build(args.tiny_encoders, device, args.num_shapes, args.num_expressions, args.front)
     if args.dtype != "float32" or args.cuda_graph:
         pipe.test.dtype, pipe.test.cuda_graph = args.dtype, args.cuda_graph
-    if args.compile:
-        pipe.idgen.net = torch.compile(pipe.idgen.net)
-        pipe.expgen.net = torch.compile(pipe.expgen.net)
     b = args.images
     image, arcface = torch.randn(b, 3, 224, 224), torch.randn(b, 3, 112, 112)
     print(f"device {device}, threads {torch.get_num_threads()}, {b} image(s) per batch, "
