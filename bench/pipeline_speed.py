@@ -4,17 +4,26 @@ Real-size networks with random weights: IdGen (300, 512, [300, 50, 10]), ExpGen 
 [53, 25, 10]), IdRank (FLAME-size front region by default), ArcFace IResNet-100 and FaRL
 ViT-B/16 (or the tiny encoders with --tiny-encoders). The face model is the synthetic
 FLAME-format model (2434 vertices instead of FLAME's 5023; FLAME's cost is small next to
-the sampling). Prints images per second per sampler setting, the peak memory, and the
-time of one IdGen and one ExpGen network call.
+the sampling). Prints seconds per image and images per second per sampler setting, the
+peak memory, and the time of one IdGen and one ExpGen network call as sampling makes it
+(the fast path, ``Denoiser.sampler``). It runs with whichever ``ofer`` is importable, so
+``--compare`` can run it on an older checkout too: the two codes then take turns in fresh
+processes (each its own peak memory) at the original samplers, and the best s/image of each
+and their ratio are printed.
 
     python bench/pipeline_speed.py                       # CPU, N=100, M=100, all settings
-    python bench/pipeline_speed.py --device cuda --images 8 --compile
+    python bench/pipeline_speed.py --compare /tmp/ofer-5bf4554 --repeats 2
+    python bench/pipeline_speed.py --device cuda --images 8 --cuda-graph --dtype bfloat16
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import resource
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -59,14 +68,49 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
 
 
-def time_call(fn, repeats: int = 5) -> float:
+def time_call(fn, device: torch.device, repeats: int = 5) -> float:
+    """Best of ``repeats`` timings of one call (after a warm-up)."""
     fn()
-    start = time.perf_counter()
+    best = float("inf")
     for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
         fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / repeats
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def network_call(net: torch.nn.Module, context: torch.Tensor, dtype: torch.dtype):
+    """One ε̂ call as sampling makes it: the fast path where the code has one, else forward."""
+    if hasattr(net, "sampler"):
+        return net.sampler(context, dtype)
+    return lambda x, t: net(x, t, context)
+
+
+def compare(args: argparse.Namespace) -> None:
+    """Run this script on today's code and on ``args.compare``'s, in turns, at the original samplers."""
+    label = SETTINGS[0][0]
+    codes = {"today": REPO / "src", "old": Path(args.compare) / "src"}
+    child = [sys.executable, __file__, "--json", "--only", label, "--num-shapes", str(args.num_shapes),
+             "--num-expressions", str(args.num_expressions), "--images", str(args.images)]
+    results: dict[str, list[dict]] = {name: [] for name in codes}
+    for r in range(args.repeats):
+        for name, src in codes.items():
+            env = dict(os.environ, PYTHONPATH=str(src))
+            out = subprocess.run(child, env=env, check=True, capture_output=True, text=True).stdout
+            results[name].append(json.loads(out.strip().splitlines()[-1]))
+            print(f"round {r + 1}, {name} ({src}): {results[name][-1]}", flush=True)
+    best = {name: min(runs, key=lambda run: run["s_per_image"]) for name, runs in results.items()}
+    print(f"\n{label}, N={args.num_shapes}, M={args.num_expressions}, threads {torch.get_num_threads()}, "
+          f"best of {args.repeats} turns each:")
+    print("\n| code | s per image | one IdGen call ms | one ExpGen call ms | peak memory MB |\n|---|---|---|---|---|")
+    for name, run in best.items():
+        print(f"| {name} | {run['s_per_image']:.2f} | {run['id_call_ms']:.1f} | {run['exp_call_ms']:.1f} | "
+              f"{run['peak_mb']:.0f} |")
+    print(f"\nold / today: {best['old']['s_per_image'] / best['today']['s_per_image']:.2f}x s per image")
 
 
 def main() -> None:
@@ -77,44 +121,58 @@ def main() -> None:
     p.add_argument("--num-expressions", type=int, default=100)
     p.add_argument("--front", type=int, default=1785, help="front-face vertices used by IdRank")
     p.add_argument("--tiny-encoders", action="store_true")
-    p.add_argument("--compile", action="store_true", help="torch.compile the two denoisers")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="test.dtype")
+    p.add_argument("--cuda-graph", action="store_true", help="test.cuda_graph: replay denoiser calls as CUDA graphs")
     p.add_argument("--only", nargs="*", help="labels of the settings to run (default: all)")
+    p.add_argument("--compare", metavar="OLD_CHECKOUT", help="compare with another checkout (see above)")
+    p.add_argument("--repeats", type=int, default=2, help="turns of each code with --compare")
+    p.add_argument("--json", action="store_true", help="end with one JSON line of the last setting's figures")
     args = p.parse_args()
+    if args.compare:
+        compare(args)
+        return
     device = torch.device(args.device)
     pipe = build(args.tiny_encoders, device, args.num_shapes, args.num_expressions, args.front)
-    if args.compile:
-        pipe.idgen.net = torch.compile(pipe.idgen.net)
-        pipe.expgen.net = torch.compile(pipe.expgen.net)
+    if args.dtype != "float32" or args.cuda_graph:
+        pipe.test.dtype, pipe.test.cuda_graph = args.dtype, args.cuda_graph
     b = args.images
     image, arcface = torch.randn(b, 3, 224, 224), torch.randn(b, 3, 112, 112)
     print(f"device {device}, threads {torch.get_num_threads()}, {b} image(s) per batch, "
-          f"N={args.num_shapes}, M={args.num_expressions}, encoders {'tiny' if args.tiny_encoders else 'ArcFace+FaRL'}")
+          f"N={args.num_shapes}, M={args.num_expressions}, encoders {'tiny' if args.tiny_encoders else 'ArcFace+FaRL'}, "
+          f"dtype {args.dtype}{', CUDA graphs' if args.cuda_graph else ''}")
 
+    dtype = getattr(torch, args.dtype)
     with torch.no_grad():
-        ctx_id = torch.randn(b * args.num_shapes, 512, device=device)
-        ctx_exp = torch.randn(b * args.num_expressions, 1024, device=device)
-        x_id = torch.randn(b * args.num_shapes, 300, device=device)
-        x_exp = torch.randn(b * args.num_expressions, 53, device=device)
-        t_id = torch.full((len(x_id),), 500, device=device)
-        t_exp = torch.full((len(x_exp),), 500, device=device)
-        id_call = time_call(lambda: pipe.idgen.net(x_id, t_id, ctx_id))
-        exp_call = time_call(lambda: pipe.expgen.net(x_exp, t_exp, ctx_exp))
-    print(f"one IdGen call (batch {len(x_id)}): {1000 * id_call:.1f} ms; one ExpGen call (batch {len(x_exp)}): "
-          f"{1000 * exp_call:.1f} ms")
+        calls = {}
+        for name, net, rows in (("IdGen", pipe.idgen.net, b * args.num_shapes),
+                                ("ExpGen", pipe.expgen.net, b * args.num_expressions)):
+            eps = network_call(net, torch.randn(rows, net.context_dim, device=device), dtype)
+            x, t = torch.randn(rows, net.flame_dim, device=device), torch.full((rows,), 500, device=device)
+            calls[name] = time_call(lambda eps=eps, x=x, t=t: eps(x, t), device)
+    print(f"one IdGen call (batch {b * args.num_shapes}): {1000 * calls['IdGen']:.1f} ms; "
+          f"one ExpGen call (batch {b * args.num_expressions}): {1000 * calls['ExpGen']:.1f} ms")
 
-    print("\n| setting | s per batch | images/s |\n|---|---|---|")
+    pipe.test.sampling, pipe.test.steps, pipe.test.exp_sampling, pipe.test.exp_steps = "ddim", 2, "ddim", 2
+    pipe(image, arcface, torch.Generator(device).manual_seed(0))  # warm-up
+    print("\n| setting | s per image | images/s |\n|---|---|---|")
     for label, s_id, n_id, s_exp, n_exp in SETTINGS:
         if args.only and label not in args.only:
             continue
         pipe.test.sampling, pipe.test.steps, pipe.test.exp_sampling, pipe.test.exp_steps = s_id, n_id, s_exp, n_exp
         generator = torch.Generator(device).manual_seed(0)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         start = time.perf_counter()
         pipe(image, arcface, generator)
         if device.type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
-        print(f"| {label} | {seconds:.2f} | {b / seconds:.3f} |", flush=True)
-    print(f"\npeak memory: {peak_memory_mb(device):.0f} MB ({'GPU allocated' if device.type == 'cuda' else 'process RSS'})")
+        print(f"| {label} | {seconds / b:.2f} | {b / seconds:.3f} |", flush=True)
+    peak = peak_memory_mb(device)
+    print(f"\npeak memory: {peak:.0f} MB ({'GPU allocated' if device.type == 'cuda' else 'process RSS'})")
+    if args.json:
+        print(json.dumps({"s_per_image": round(seconds / b, 3), "id_call_ms": round(1000 * calls["IdGen"], 2),
+                          "exp_call_ms": round(1000 * calls["ExpGen"], 2), "peak_mb": round(peak)}))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""Tests of the 1-D U-Net denoiser: original state-dict layout, attention semantics,
-batch-size independence and gradient flow to every attention projection."""
+"""Tests of the 1-D U-Net denoiser: original state-dict layout, attention and ResnetBlock
+semantics (against convolution-form references), batch-size independence, gradient flow to
+every attention projection, and the fast sampling path against the training path."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from ofer.diffusion import Denoiser, NoiseSchedule, diffusion_loss
+from ofer.diffusion import Denoiser, NoiseSchedule, diffusion_loss, sample
 from ofer.diffusion.denoiser import (
     Attention,
+    ResnetBlock,
     SinusoidalPosEmb,
+    StaticEps,
     is_projection_key,
     original_state_dict_keys,
 )
@@ -108,10 +111,30 @@ def reference_attention(attn: Attention, x: torch.Tensor) -> torch.Tensor:
 def test_stacked_projections_match_per_projection_loop() -> None:
     torch.manual_seed(1)
     attn = Attention(dim=7, numqkv=16)
+    with torch.no_grad():  # non-zero output biases, so that their reordering is checked too
+        attn.to_out.bias.normal_()
+        attn.to_out_linear.bias.normal_()
     x = torch.randn(5, 7, 1)
     expected = reference_attention(attn, x)
     assert expected.shape == (5, 7, 1)
-    torch.testing.assert_close(attn(x), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(attn(x[:, :, 0]), expected[:, :, 0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(attn(x[:, :, 0], attn.stacked_weight()), expected[:, :, 0], rtol=1e-5, atol=1e-6)
+
+
+def test_resnet_block_matches_convolution_form() -> None:
+    """Matrix products + layer norm on (B, C) equal the original 1×1 convs + GroupNorm(1) on (B, C, 1)."""
+    torch.manual_seed(3)
+    block = ResnetBlock(6, 4, cond_dim=10)
+    with torch.no_grad():
+        for norm in (block.block1.norm, block.block2.norm):
+            norm.weight.normal_()
+            norm.bias.normal_()
+    x, cond = torch.randn(5, 6), torch.randn(5, 10)
+    scale, shift = block.mlp(cond)[:, :, None].chunk(2, dim=1)  # (B, 4, 1) each
+    h = block.block1.act(block.block1.norm(block.block1.proj(x[:, :, None])) * (scale + 1) + shift)
+    h = block.block2.act(block.block2.norm(block.block2.proj(h)))
+    expected = (h + block.res_conv(x[:, :, None]))[:, :, 0]
+    torch.testing.assert_close(block(x, block.mlp(cond)), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_batch_of_one_matches_batch_of_five() -> None:
@@ -177,3 +200,72 @@ def test_rejects_bad_shapes() -> None:
         model(torch.randn(2, 12), torch.zeros(3, dtype=torch.long), torch.randn(2, 8))
     with pytest.raises(ValueError, match="dims"):
         Denoiser(flame_dim=12, context_dim=8, dims=[10, 5])
+
+
+# Small denoisers for the fast path: different level counts, flame_dim != every other level.
+FAST_CASES = [
+    {"flame_dim": 12, "context_dim": 16, "dims": [12, 8, 4]},
+    {"flame_dim": 9, "context_dim": 5, "dims": [9, 14, 6, 3], "numqkv": 4},
+]
+
+
+@pytest.mark.parametrize("kwargs", FAST_CASES)
+@pytest.mark.parametrize("step", [-1, 0, 3, 517, 999])
+def test_fast_sampler_matches_training_path(kwargs: dict, step: int) -> None:
+    torch.manual_seed(4)
+    model = Denoiser(**kwargs).eval()
+    gen = torch.Generator().manual_seed(step + 10)
+    x = torch.randn(7, kwargs["flame_dim"], generator=gen)
+    context = torch.randn(7, kwargs["context_dim"], generator=gen)
+    t = torch.full((7,), step)
+    with torch.no_grad():
+        expected = model(x, t, context)
+        fast = model.sampler(context)(x, t)
+    assert fast.shape == expected.shape
+    assert (fast - expected).abs().max() <= 1e-5
+
+
+def test_fast_sampler_wants_one_step_and_its_context_rows() -> None:
+    model = small_denoiser()
+    fast = model.sampler(torch.randn(3, 8))
+    with pytest.raises(ValueError, match="same step"):
+        fast(torch.randn(3, 12), torch.tensor([5, 5, 6]))
+    with pytest.raises(ValueError, match="3 rows"):
+        fast(torch.randn(2, 12), torch.tensor([5, 5]))
+
+
+def test_fast_sampler_follows_weight_changes_only_when_rebuilt() -> None:
+    """It caches derived weights for one run: a new run sees new weights."""
+    model = small_denoiser().eval()
+    x, context, t = torch.randn(2, 12), torch.randn(2, 8), torch.full((2,), 40)
+    with torch.no_grad():
+        model.downs[0][2].fn.fn.to_qkv[5].weight.mul_(3.0)
+        model.mid_block1.mlp[1].weight.add_(0.5)
+        torch.testing.assert_close(model.sampler(context)(x, t), model(x, t, context), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("sampler", ["ddim_legacy", "ddpm"])
+def test_static_buffer_step_equals_eager_sampling(sampler: str) -> None:
+    """The capturable step (static x, t buffers; no host-side branch on t) gives the eager result."""
+    model = Denoiser(**FAST_CASES[0]).eval()
+    schedule = NoiseSchedule(num_steps=12)
+    context = torch.randn(6, 16)
+    fast = model.sampler(context)
+    eager = sample(fast, schedule, (6, 12), sampler, generator=torch.Generator().manual_seed(5))
+    static = StaticEps(fast.eps, (6, 12), torch.device("cpu"), cuda_graph=True)  # CPU: no capture
+    assert static.graph is None
+    replayed = sample(static, schedule, (6, 12), sampler, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(replayed, eager)
+    reference = sample(lambda x, t: model(x, t, context), schedule, (6, 12), sampler,
+                       generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(replayed, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_bfloat16_sampler_is_close_to_float32() -> None:
+    model = Denoiser(**FAST_CASES[0]).eval()
+    x, context, t = torch.randn(20, 12), torch.randn(20, 16), torch.full((20,), 300)
+    exact = model.sampler(context)(x, t)
+    low = model.sampler(context, torch.bfloat16)(x, t)
+    assert low.dtype == torch.float32 and torch.isfinite(low).all()
+    assert not torch.equal(low, exact)  # it did run in bfloat16
+    assert (low - exact).abs().max() < 0.05 * exact.abs().max()

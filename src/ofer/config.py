@@ -189,6 +189,8 @@ class TestConfig:
     # as the original's forward does on a batch of one, "apply" as in training, "auto" = "skip"
     # for original checkpoints and "apply" for ours (see ofer.encoders.arcface).
     arcface_single_image_bn: Literal["auto", "skip", "apply"] = "auto"
+    dtype: Literal["float32", "bfloat16"] = "float32"  # networks at inference (bfloat16: autocast)
+    cuda_graph: bool = False  # on CUDA, replay each denoiser call as a captured CUDA graph
     # Stage configs for checkpoints that carry none (the released original files).
     idgen_config: str = "configs/idgen_flame20.yml"
     expgen_config: str = "configs/expgen_flame20.yml"

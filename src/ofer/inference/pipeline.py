@@ -1,7 +1,8 @@
 """The OFER pipeline: crops -> N IdGen shapes -> IdRank pick -> M ExpGen expressions -> FLAME.
 
 It reads like the method figure (SPEC §1): encode, sample identities, rank them, sample
-expressions for the chosen identity, and build the meshes.
+expressions for the chosen identity, and build the meshes. Each encoder runs once per batch;
+stages whose encoders are identical (same type, attributes and weights) share the encoding.
 """
 
 from __future__ import annotations
@@ -9,9 +10,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from ofer.checkpoints import check_stage, checkpoint_config, is_original, load_state, read_checkpoint
 from ofer.config import Config, TestConfig
@@ -58,6 +61,23 @@ def load_inputs(image_path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(clip_normalise_bgr(crop_to_clip_input(crop))), torch.from_numpy(arcface)
 
 
+def encoder_attributes(encoder: nn.Module) -> list[tuple[str, type, dict[str, Any]]]:
+    """Type and plain (non-parameter) attributes of every submodule: what, besides the
+    weights, decides what an encoder computes (e.g. a switch that changes its forward)."""
+    return [
+        (name, type(module), {k: v for k, v in vars(module).items() if not k.startswith("_") and k != "training"})
+        for name, module in encoder.named_modules()
+    ]
+
+
+def same_weights(a: nn.Module, b: nn.Module) -> bool:
+    """True when two modules hold equal parameters and buffers under the same keys."""
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(
+        sa[k].shape == sb[k].shape and sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]) for k in sa
+    )
+
+
 class OferPipeline:
     """IdGen + IdRank + ExpGen + FLAME, ready to reconstruct batches of preprocessed faces."""
 
@@ -68,10 +88,15 @@ class OferPipeline:
         self.front_idx = front_idx.to(device)
         self.test, self.jaw_scale, self.device = test, jaw_scale, device
         self.n_exp = expgen.flame_dim - 3
+        # Encoder pairs with equal weights, compared once; attributes are compared per call.
+        encoders = [e for stage in (self.idgen, self.idrank, self.expgen) for e in (stage.farl, stage.arcface)
+                    if e is not None]
+        self.equal_weights = {frozenset((a, b)) for i, a in enumerate(encoders) for b in encoders[:i]
+                              if type(a) is type(b) and same_weights(a, b)}
 
     @classmethod
     def from_checkpoints(cls, cfg: Config, idrank_path: str | Path, idgen_path: str | Path,
-                         expgen_path: str | Path, device: torch.device) -> "OferPipeline":
+                         expgen_path: str | Path, device: torch.device) -> OferPipeline:
         """Build the stages from their checkpoints (original OFER files or ours).
 
         Our checkpoints carry their config; original files use the YAMLs named in `test.*_config`.
@@ -99,28 +124,53 @@ class OferPipeline:
                                       encoded_alone)
         return cls(idgen, idrank, expgen, flame, front_idx, cfg.test, cfg.model.jaw_scale, device)
 
+    def encode(self, image: torch.Tensor, arcface: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The IdGen, IdRank and ExpGen contexts; each distinct encoder runs once."""
+        done: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []  # (encoder, input, output)
+
+        def run(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
+            for other, other_x, out in done:
+                if other_x is x and (other is encoder or (
+                        frozenset((encoder, other)) in self.equal_weights
+                        and encoder_attributes(encoder) == encoder_attributes(other))):
+                    return out
+            out = encoder(x)
+            done.append((encoder, x, out))
+            return out
+
+        return tuple(stage.encode(image, arcface, run).float() for stage in (self.idgen, self.idrank, self.expgen))
+
     @torch.no_grad()
-    def __call__(self, image: torch.Tensor, arcface: torch.Tensor, generator: torch.Generator) -> list[Reconstruction]:
-        """image (B, 3, 224, 224) CLIP-normalised, arcface (B, 3, 112, 112) -> B reconstructions."""
+    def __call__(self, image: torch.Tensor, arcface: torch.Tensor,
+                 generator: torch.Generator | list[torch.Generator]) -> list[Reconstruction]:
+        """image (B, 3, 224, 224) CLIP-normalised, arcface (B, 3, 112, 112) -> B reconstructions.
+
+        `generator`: one generator, or one per image (`ofer.diffusion.noise`). With
+        `test.dtype = bfloat16` the encoders and denoisers run under bfloat16 autocast;
+        IdRank and FLAME stay in float32.
+        """
         t = self.test
         image, arcface = image.to(self.device), arcface.to(self.device)
         b = image.shape[0]
+        dtype = torch.bfloat16 if t.dtype == "bfloat16" else torch.float32
+        with torch.autocast(self.device.type, dtype, enabled=dtype != torch.float32):
+            ctx_idgen, ctx_idrank, ctx_expgen = self.encode(image, arcface)
+        options = {"dtype": dtype, "cuda_graph": t.cuda_graph}
 
         # IdGen: N shape samples per image, as neutral FLAME meshes in mm.
-        shapes = self.idgen.sample(self.idgen.encode(image, arcface), t.numsamples, t.sampling, t.steps, t.eta,
-                                   generator)
+        shapes = self.idgen.sample(ctx_idgen, t.numsamples, t.sampling, t.steps, t.eta, generator, **options)
         n = shapes.shape[1]
         meshes = self.flame(shapes.flatten(0, 1)).view(b, n, -1, 3) * 1000.0  # (B, N, V, 3)
 
         # IdRank: score every sample from (mean, sample - mean) on the front face; keep the best.
-        scores = self.idrank.scores(rank_features(meshes, self.front_idx), self.idrank.encode(image, arcface))  # (B, N)
+        scores = self.idrank.scores(rank_features(meshes, self.front_idx), ctx_idrank)  # (B, N)
         best = scores.argmax(dim=1)  # (B,)
         best_shape = shapes[torch.arange(b), best]  # (B, n_shape)
+        neutral_mm = meshes[torch.arange(b), best]  # (B, V, 3): the best sample's neutral mesh
 
         # ExpGen: M expression + jaw samples per image, applied to the chosen identity.
         m = t.num_expressions
-        exp = self.expgen.sample(self.expgen.encode(image, arcface), m, t.exp_sampling, t.exp_steps, t.eta,
-                                 generator)
+        exp = self.expgen.sample(ctx_expgen, m, t.exp_sampling, t.exp_steps, t.eta, generator, **options)
         expressions, jaws = exp[..., : self.n_exp], exp[..., self.n_exp :]  # (B, M, 50), (B, M, 3)
         expression_mm = self.flame(
             best_shape.repeat_interleave(m, dim=0),
@@ -128,17 +178,13 @@ class OferPipeline:
             jaw=self.jaw_scale * jaws.flatten(0, 1),
         ).view(b, m, -1, 3) * 1000.0  # (B, M, V, 3)
 
-        neutral = self.flame(best_shape)  # (B, V, 3) metres
-        kpt68 = self.flame.landmarks68(neutral) * 1000.0
-        kpt7 = self.flame.landmarks7(neutral) * 1000.0
-        neutral_mm = neutral * 1000.0
-
+        # Landmarks are linear in the vertices (no pose), so they come out in mm too.
+        kpt68, kpt7 = self.flame.landmarks68(neutral_mm), self.flame.landmarks7(neutral_mm)  # (B, 68|7, 3)
+        out = {name: value.cpu().numpy() for name, value in (
+            ("shapes", shapes), ("scores", scores), ("expressions", expressions), ("jaws", jaws),
+            ("neutral_mm", neutral_mm), ("expression_mm", expression_mm), ("kpt68_mm", kpt68),
+            ("kpt7_mm", kpt7), ("best", best))}  # one copy per output
         return [
-            Reconstruction(
-                shapes=shapes[i].cpu().numpy(), scores=scores[i].cpu().numpy(), best=int(best[i]),
-                expressions=expressions[i].cpu().numpy(), jaws=jaws[i].cpu().numpy(),
-                neutral_mm=neutral_mm[i].cpu().numpy(), expression_mm=expression_mm[i].cpu().numpy(),
-                kpt68_mm=kpt68[i].cpu().numpy(), kpt7_mm=kpt7[i].cpu().numpy(),
-            )
+            Reconstruction(**{name: value[i] for name, value in out.items() if name != "best"}, best=int(out["best"][i]))
             for i in range(b)
         ]

@@ -7,14 +7,19 @@ original checkpoints, so `ofer.checkpoints.load_checkpoint` maps them one to one
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 from ofer.config import Config
 from ofer.diffusion import Denoiser, NoiseSchedule, diffusion_loss, sample
+from ofer.diffusion.denoiser import StaticEps
 from ofer.diffusion.noise import Generators
 from ofer.encoders import build_arcface, build_farl
 from ofer.models.idrank import IdRankNet
+
+EncoderRun = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
 
 class ImageContext(nn.Module):
@@ -40,13 +45,18 @@ class ImageContext(nn.Module):
     def context_dim(self) -> int:
         return 512 * (int(self.uses_farl) + int(self.uses_arcface))
 
-    def encode(self, image: torch.Tensor, arcface: torch.Tensor) -> torch.Tensor:
-        """image (B,3,224,224) CLIP-normalised, arcface (B,3,112,112) -> context (B, C)."""
+    def encode(self, image: torch.Tensor, arcface: torch.Tensor, run: EncoderRun | None = None) -> torch.Tensor:
+        """image (B,3,224,224) CLIP-normalised, arcface (B,3,112,112) -> context (B, C).
+
+        `run(encoder, input)` applies an encoder (default: calls it); the pipeline passes one
+        that reuses the output of an identical encoder of another stage.
+        """
+        run = run or (lambda encoder, x: encoder(x))
         parts = []
         if self.farl is not None:
-            parts.append(self.farl(image))
+            parts.append(run(self.farl, image))
         if self.arcface is not None:
-            parts.append(self.arcface(arcface))
+            parts.append(run(self.arcface, arcface))
         return torch.cat(parts, dim=1)
 
 
@@ -87,16 +97,24 @@ class DiffusionStage(ImageContext):
         eta: float = 0.0,
         generator: Generators = None,
         progress: bool = False,
+        dtype: torch.dtype = torch.float32,
+        cuda_graph: bool = False,
     ) -> torch.Tensor:
         """Draw `num_samples` coefficient vectors per context: (B, C) -> (B, N, D), in one batch.
 
         `eta` (stochasticity) applies to `ddim` only; the other samplers ignore it. `generator`
-        may be one generator per image (`ofer.diffusion.noise`).
+        may be one generator per image (`ofer.diffusion.noise`). The network runs its fast
+        inference path (`Denoiser.sampler`), in `dtype` (float32, or bfloat16 autocast); with
+        `cuda_graph` each network call runs over static buffers (`StaticEps`), captured as a
+        CUDA graph on a CUDA device.
         """
         b = context.shape[0]
         ctx = context.repeat_interleave(num_samples, dim=0)  # (B*N, C), samples of one image adjacent
+        eps_fn = self.net.sampler(ctx, dtype)
+        if cuda_graph:
+            eps_fn = StaticEps(eps_fn.eps, (b * num_samples, self.flame_dim), context.device, cuda_graph=True)
         x = sample(
-            lambda x, t: self.net(x, t, ctx),
+            eps_fn,
             self.var_sched,
             (b * num_samples, self.flame_dim),
             sampler=sampler,

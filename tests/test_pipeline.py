@@ -1,0 +1,116 @@
+"""The pipeline's speed-related behaviour: encoders shared between stages only when identical,
+per-image generators, the static-buffer (CUDA-graph) sampling path and the bfloat16 option."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ofer.config import load_config
+from ofer.flame import FLAME
+from ofer.flame.synthetic import write_synthetic_flame
+from ofer.inference.pipeline import OferPipeline
+from ofer.models.stages import DiffusionStage, IdRank
+
+FRONT = 40  # front-face vertices scored by IdRank
+
+
+def stage_config(expencoder: str, flame_dim: int, context_dim: int, dims: list[int], *extra: str):
+    return load_config(None, [
+        "model.tiny_encoders=true", "model.arcface_weights=null", "model.farl_weights=null",
+        f"model.expencoder={expencoder}", f"net.flame_dim={flame_dim}", f"net.context_dim={context_dim}",
+        f"net.dims={dims}", "varsched.num_steps=20", *extra,
+    ])
+
+
+@pytest.fixture(scope="module")
+def flame(tmp_path_factory) -> FLAME:
+    paths = write_synthetic_flame(tmp_path_factory.mktemp("flame"))
+    return FLAME(paths.model, n_shape=10, n_exp=5, landmark_embedding_path=paths.landmarks)
+
+
+def build(flame: FLAME, *test: str) -> OferPipeline:
+    torch.manual_seed(0)
+    idgen = DiffusionStage(stage_config("arcface", 10, 512, [10, 6]), load_weights=False)
+    expgen = DiffusionStage(stage_config("arcfarl", 8, 1024, [8, 4]), load_weights=False)
+    idrank = IdRank(stage_config("arcfarl", 10, 1024, [10, 6]), shape_dim=3 * FRONT, load_weights=False)
+    # IdRank and ExpGen use the same FaRL; all three the same ArcFace.
+    expgen.farl.load_state_dict(idrank.farl.state_dict())
+    idgen.arcface.load_state_dict(idrank.arcface.state_dict())
+    expgen.arcface.load_state_dict(idrank.arcface.state_dict())
+    cfg = load_config(None, ["test.numsamples=3", "test.num_expressions=2", "test.sampling=ddim", "test.steps=4",
+                             "test.exp_sampling=ddim_legacy", *test]).test
+    return OferPipeline(idgen, idrank, expgen, flame, torch.arange(FRONT), cfg, 0.5, torch.device("cpu"))
+
+
+def inputs(b: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    return torch.randn(b, 3, 224, 224, generator=gen), torch.randn(b, 3, 112, 112, generator=gen)
+
+
+def count_calls(modules) -> list[int]:
+    counts = [0] * len(modules)
+    for i, module in enumerate(modules):
+        module.register_forward_hook(lambda *_, i=i: counts.__setitem__(i, counts[i] + 1))
+    return counts
+
+
+def test_identical_encoders_run_once_and_give_the_stage_contexts(flame) -> None:
+    pipe = build(flame)
+    image, arcface = inputs()
+    encoders = [pipe.idgen.arcface, pipe.idrank.farl, pipe.idrank.arcface, pipe.expgen.farl, pipe.expgen.arcface]
+    counts = count_calls(encoders)
+    contexts = pipe.encode(image, arcface)
+    assert counts == [1, 1, 0, 0, 0]  # one ArcFace and one FaRL run for the three stages
+    with torch.no_grad():
+        for stage, context in zip((pipe.idgen, pipe.idrank, pipe.expgen), contexts):
+            torch.testing.assert_close(context, stage.encode(image, arcface))
+
+
+def test_encoders_with_other_weights_or_attributes_are_not_shared(flame) -> None:
+    pipe = build(flame)
+    with torch.no_grad():
+        pipe.expgen.farl.fc.bias.add_(1.0)  # after construction: weights are compared at construction...
+    pipe = OferPipeline(pipe.idgen, pipe.idrank, pipe.expgen, pipe.flame, pipe.front_idx, pipe.test, 0.5,
+                        torch.device("cpu"))  # ...so rebuild
+    pipe.expgen.arcface.switch = True  # equal weights, different plain attribute (compared per call)
+    encoders = [pipe.idgen.arcface, pipe.idrank.farl, pipe.idrank.arcface, pipe.expgen.farl, pipe.expgen.arcface]
+    counts = count_calls(encoders)
+    contexts = pipe.encode(*inputs())
+    assert counts == [1, 1, 0, 1, 1]
+    with torch.no_grad():
+        torch.testing.assert_close(contexts[2], pipe.expgen.encode(*inputs()))
+
+
+def test_per_image_generators_make_each_image_independent_of_its_batch(flame) -> None:
+    pipe = build(flame)
+    image, arcface = inputs(2)
+    both = pipe(image, arcface, [torch.Generator().manual_seed(7), torch.Generator().manual_seed(8)])
+    alone = pipe(image[1:], arcface[1:], [torch.Generator().manual_seed(8)])[0]
+    assert len(both) == 2 and both[1].best == alone.best
+    for name in ("shapes", "scores", "expressions", "jaws", "neutral_mm", "kpt7_mm"):
+        assert torch.allclose(torch.from_numpy(getattr(both[1], name)), torch.from_numpy(getattr(alone, name)),
+                              rtol=1e-4, atol=1e-4), name
+    assert not torch.allclose(torch.from_numpy(both[0].shapes), torch.from_numpy(alone.shapes))
+    # the neutral mesh is the ranked pick's sample mesh; landmarks lie on it
+    neutral = pipe.flame(torch.from_numpy(alone.shapes[alone.best])[None])[0] * 1000.0
+    torch.testing.assert_close(torch.from_numpy(alone.neutral_mm), neutral, rtol=1e-4, atol=1e-3)
+
+
+def test_cuda_graph_option_runs_the_static_path_with_the_same_result(flame) -> None:
+    image, arcface = inputs(1)
+    eager = build(flame)(image, arcface, torch.Generator().manual_seed(3))[0]
+    static = build(flame, "test.cuda_graph=true")(image, arcface, torch.Generator().manual_seed(3))[0]
+    assert static.best == eager.best
+    assert torch.equal(torch.from_numpy(static.shapes), torch.from_numpy(eager.shapes))
+    assert torch.equal(torch.from_numpy(static.expression_mm), torch.from_numpy(eager.expression_mm))
+
+
+def test_bfloat16_option_runs_and_stays_near_float32(flame) -> None:
+    image, arcface = inputs(1)
+    exact = build(flame)(image, arcface, torch.Generator().manual_seed(3))[0]
+    low = build(flame, "test.dtype=bfloat16")(image, arcface, torch.Generator().manual_seed(3))[0]
+    for name in ("shapes", "expressions", "jaws", "neutral_mm"):
+        a, b = torch.from_numpy(getattr(exact, name)), torch.from_numpy(getattr(low, name))
+        assert torch.isfinite(b).all() and not torch.equal(a, b), name
+        assert (a - b).abs().max() < 0.1 * a.abs().max(), name
