@@ -30,6 +30,9 @@ class ConfigError(ValueError):
 # ----------------------------------------------------------------------------- schema
 
 
+SamplerName = Literal["ddpm", "ddim", "ddim_legacy", "dpmpp_2m", "unipc"]  # ofer.diffusion.samplers.SAMPLERS
+
+
 @dataclass
 class NetConfig:
     """The denoiser (IdGen/ExpGen) or ranker (IdRank) network."""
@@ -101,7 +104,7 @@ class IdRankTrainConfig:
     idgen_checkpoint: str = "checkpoint/model_idgen_flame20.tar"
     idgen_config: str = "configs/idgen_flame20.yml"  # used when the checkpoint carries no config
     numsamples: int = 100
-    sampling: Literal["ddpm", "ddim", "ddim_legacy"] = "ddpm"
+    sampling: SamplerName = "ddpm"
     steps: Optional[int] = None
 
 
@@ -136,10 +139,10 @@ class TestConfig:
     numsamples: int = 100  # N shape samples for IdRank
     num_expressions: int = 100  # M expression samples
     num_saved_expressions: int = 15
-    sampling: Literal["ddpm", "ddim", "ddim_legacy"] = "ddim_legacy"  # IdGen
+    sampling: SamplerName = "ddim_legacy"  # IdGen
     steps: Optional[int] = None
     eta: float = 0.0
-    exp_sampling: Literal["ddpm", "ddim", "ddim_legacy"] = "ddpm"  # ExpGen
+    exp_sampling: SamplerName = "ddpm"  # ExpGen
     exp_steps: Optional[int] = None
     seed: int = 0
     # Stage configs for checkpoints that carry none (the released original files).

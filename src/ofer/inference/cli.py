@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ofer.config import ConfigError, load_config
+from ofer.diffusion.samplers import SAMPLERS
 from ofer.inference.export import done_marker, write_outputs
 from ofer.inference.pipeline import OferPipeline, load_inputs
 from ofer.io import InputError, atomic_write
@@ -41,10 +42,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--numcheckpoint", type=int, default=0, help="index used in output names (<name>_<index>.ply)")
     p.add_argument("--num-shapes", type=int, help="N IdGen samples ranked by IdRank (test.numsamples)")
     p.add_argument("--num-expressions", type=int, help="M ExpGen samples (test.num_expressions)")
-    p.add_argument("--sampler", choices=["ddpm", "ddim", "ddim_legacy"], help="IdGen sampler (test.sampling)")
-    p.add_argument("--steps", type=int, help="IdGen sampler steps for ddim (test.steps)")
-    p.add_argument("--exp-sampler", choices=["ddpm", "ddim", "ddim_legacy"], help="ExpGen sampler")
-    p.add_argument("--exp-steps", type=int, help="ExpGen sampler steps for ddim")
+    p.add_argument("--sampler", choices=SAMPLERS, help="IdGen sampler (test.sampling)")
+    p.add_argument("--steps", type=int, help="IdGen steps for ddim, dpmpp_2m, unipc (test.steps)")
+    p.add_argument("--exp-sampler", choices=SAMPLERS, help="ExpGen sampler")
+    p.add_argument("--exp-steps", type=int, help="ExpGen steps for ddim, dpmpp_2m, unipc")
     p.add_argument("--seed", type=int, help="random seed (test.seed)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
     p.add_argument("--batch", type=int, default=1, help="images reconstructed together")
