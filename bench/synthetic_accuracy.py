@@ -12,14 +12,21 @@ for IdGen and ExpGen). All errors are mean per-vertex distances in mm:
   expression diversity is the spread of the M samples.
 
 It also prints each demo checkpoint's training time. Needs `python demo.py` (or the three
-demo trainings) to have run. Example:
+demo trainings) to have run; `--checkpoints` and `--data` point at a demo run elsewhere.
 
-    python bench/synthetic_accuracy.py --images 24 --settings "ddim 25" "ddim 10"
+After the table, each setting is compared with the first one listed (put `ddpm 1000`
+first): the relative change of the IdRank pick's error, of the first expression sample's
+error and of the mean error over all M expression samples (the same expectation as the
+first sample's, with less sampling noise), each with the standard error of the per-image
+paired difference, so that a few-step solver can be judged against DDPM. Example:
+
+    python bench/synthetic_accuracy.py --images 24 --settings "ddpm 1000" "dpmpp_2m 10" "unipc 10"
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
 
@@ -34,7 +41,6 @@ from ofer.flame import FLAME
 from ofer.inference.pipeline import OferPipeline
 
 REPO = Path(__file__).resolve().parents[1]
-CKPT = REPO / "checkpoint" / "demo"
 SETTINGS = {  # label -> (sampler, steps)
     "ddpm 1000": ("ddpm", None),
     "ddim_legacy": ("ddim_legacy", None),
@@ -42,20 +48,34 @@ SETTINGS = {  # label -> (sampler, steps)
     "ddim 50": ("ddim", 50),
     "ddim 25": ("ddim", 25),
     "ddim 10": ("ddim", 10),
+    **{f"{solver} {steps}": (solver, steps) for solver in ("dpmpp_2m", "unipc") for steps in (20, 10, 5)},
 }
+COLUMNS = ("shape_ranked", "shape_random", "shape_oracle", "shape_average", "shape_mean_face", "shape_diversity",
+           "exp_first", "exp_oracle", "exp_average", "exp_neutral", "exp_diversity")
+COMPARED = {"shape_ranked": "shape: IdRank pick", "exp_first": "expr.: first sample",
+            "exp_random": "expr.: mean over M samples"}
 
 
-def held_out_frames(count: int) -> dict[str, torch.Tensor]:
+def data_overrides(data: Path) -> list[str]:
+    """Config overrides that read the synthetic FLAME assets and data set under `data`."""
+    flame = data / "flame"
+    return [f"model.flame_model_path={flame / 'generic_model.pkl'}",
+            f"model.flame_lmk_embedding_path={flame / 'landmark_embedding.npy'}",
+            f"model.front_indices_path={flame / 'frontindices.npy'}", f"dataset.root={data}"]
+
+
+def held_out_frames(count: int, data: Path) -> dict[str, torch.Tensor]:
     """The first `count` SYNTHVAL frames with their ground-truth FLAME parameters."""
-    cfg = load_config(REPO / "configs" / "demo" / "expgen.yml", ["dataset.occlusion.enabled=false"])
+    cfg = load_config(REPO / "configs" / "demo" / "expgen.yml",
+                      ["dataset.occlusion.enabled=false", *data_overrides(data)])
     data = ExpressionDataset(cfg.dataset, ["SYNTHVAL"], n_exp=50, split="val", seed=0)
     items = [data[i] for i in range(min(count, len(data)))]
     return {k: torch.stack([it[k] for it in items]) for k in ("image", "arcface", "shape", "expression", "jaw")}
 
 
 @torch.no_grad()
-def evaluate(pipe: OferPipeline, truth_flame: FLAME, frames: dict[str, torch.Tensor], seed: int) -> dict[str, float]:
-    """Mean metrics over the frames; `truth_flame` takes the full ground-truth shape vector."""
+def evaluate(pipe: OferPipeline, truth_flame: FLAME, frames: dict[str, torch.Tensor], seed: int) -> dict[str, np.ndarray]:
+    """Metrics per frame (arrays over the frames); `truth_flame` takes the full ground-truth shape vector."""
     flame = truth_flame
     recs = pipe(frames["image"][:, 0], frames["arcface"][:, 0], torch.Generator().manual_seed(seed))
     rows = []
@@ -76,11 +96,26 @@ def evaluate(pipe: OferPipeline, truth_flame: FLAME, frames: dict[str, torch.Ten
             "shape_ranked": shape_err[rec.best], "shape_random": shape_err.mean(), "shape_oracle": shape_err.min(),
             "shape_average": vertex_errors(samples.mean(0), neutral_gt).mean(),
             "shape_mean_face": vertex_errors(mean_face, neutral_gt).mean(), "shape_diversity": diversity(samples).mean(),
-            "exp_first": exp_err[0], "exp_oracle": exp_err.min(),
+            "exp_first": exp_err[0], "exp_random": exp_err.mean(), "exp_oracle": exp_err.min(),
             "exp_average": vertex_errors(exp_meshes.mean(0), expr_gt).mean(),
             "exp_neutral": vertex_errors(neutral_gt, expr_gt).mean(), "exp_diversity": diversity(exp_meshes).mean(),
         })
-    return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+    return {k: np.array([r[k] for r in rows], dtype=np.float64) for k in rows[0]}
+
+
+def print_comparison(results: dict[str, dict[str, np.ndarray]]) -> None:
+    """Relative change of the compared errors against the first setting, ± s.e. of the paired difference."""
+    reference, *others = results
+    print(f"\nchange against {reference} (paired over the frames, ± one standard error):\n")
+    print("| sampler | " + " | ".join(COMPARED.values()) + " |")
+    print("|---" * (len(COMPARED) + 1) + "|")
+    for label in others:
+        cells = []
+        for key in COMPARED:
+            ref, diff = results[reference][key], results[label][key] - results[reference][key]
+            se = diff.std(ddof=1) / math.sqrt(len(diff)) if len(diff) > 1 else float("nan")
+            cells.append(f"{100 * diff.mean() / ref.mean():+.1f} % ± {100 * se / ref.mean():.1f}")
+        print(f"| {label} | " + " | ".join(cells) + " |")
 
 
 def main() -> None:
@@ -90,31 +125,37 @@ def main() -> None:
     p.add_argument("--num-expressions", type=int, default=16)
     p.add_argument("--settings", nargs="*", default=list(SETTINGS), choices=list(SETTINGS))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoints", type=Path, default=REPO / "checkpoint" / "demo",
+                   help="folder with idgen/, expgen/, idrank/ last.tar")
+    p.add_argument("--data", type=Path, default=REPO / "data" / "synthetic",
+                   help="the synthetic data set (with its flame/ assets)")
     args = p.parse_args()
+    ckpts = args.checkpoints
     for stage in ("idgen", "expgen", "idrank"):
-        ckpt = read_checkpoint(CKPT / stage / "last.tar")
+        ckpt = read_checkpoint(ckpts / stage / "last.tar")
         print(f"{stage}: {ckpt['step']} steps, trained for {ckpt.get('train_seconds', float('nan')) / 60:.1f} min")
     cfg = load_config(REPO / "configs" / "demo" / "test.yml",
-                      [f"test.numsamples={args.num_shapes}", f"test.num_expressions={args.num_expressions}"])
-    pipe = OferPipeline.from_checkpoints(cfg, CKPT / "idrank" / "last.tar", CKPT / "idgen" / "last.tar",
-                                         CKPT / "expgen" / "last.tar", torch.device("cpu"))
-    frames = held_out_frames(args.images)
+                      [f"test.numsamples={args.num_shapes}", f"test.num_expressions={args.num_expressions}",
+                       *[o for o in data_overrides(args.data) if o.startswith("model.")]])
+    pipe = OferPipeline.from_checkpoints(cfg, ckpts / "idrank" / "last.tar", ckpts / "idgen" / "last.tar",
+                                         ckpts / "expgen" / "last.tar", torch.device("cpu"))
+    frames = held_out_frames(args.images, args.data)
     truth_flame = FLAME(cfg.model.flame_model_path, n_shape=frames["shape"].shape[1], n_exp=50)
     print(f"\n{len(frames['image'])} held-out frames, N={args.num_shapes} shapes, M={args.num_expressions} expressions, "
           "errors and diversity in mm\n")
-    header = None
+    print("| sampler | " + " | ".join(COLUMNS) + " | s/image |")
+    print("|---" * (len(COLUMNS) + 2) + "|")
+    results = {}
     for label in args.settings:
         sampler, steps = SETTINGS[label]
         pipe.test.sampling, pipe.test.steps, pipe.test.exp_sampling, pipe.test.exp_steps = sampler, steps, sampler, steps
         start = time.perf_counter()
-        result = evaluate(pipe, truth_flame, frames, args.seed)
+        results[label] = evaluate(pipe, truth_flame, frames, args.seed)
         seconds = time.perf_counter() - start
-        if header is None:
-            header = list(result)
-            print("| sampler | " + " | ".join(header) + " | s/image |")
-            print("|---" * (len(header) + 2) + "|")
-        print(f"| {label} | " + " | ".join(f"{result[k]:.2f}" for k in header) + f" | {seconds / len(frames['image']):.2f} |",
-              flush=True)
+        print(f"| {label} | " + " | ".join(f"{results[label][k].mean():.2f}" for k in COLUMNS)
+              + f" | {seconds / len(frames['image']):.2f} |", flush=True)
+    if len(results) > 1:
+        print_comparison(results)
 
 
 if __name__ == "__main__":

@@ -72,6 +72,9 @@ Seed = Annotated[int, Range(low=0)]  # numpy seeds must be non-negative
 # ----------------------------------------------------------------------------- schema
 
 
+SamplerName = Literal["ddpm", "ddim", "ddim_legacy", "dpmpp_2m", "unipc"]  # ofer.diffusion.samplers.SAMPLERS
+
+
 @dataclass
 class NetConfig:
     """The denoiser (IdGen/ExpGen) or ranker (IdRank) network."""
@@ -144,7 +147,7 @@ class IdRankTrainConfig:
     idgen_checkpoint: str = "checkpoint/model_idgen_flame20.tar"
     idgen_config: str = "configs/idgen_flame20.yml"  # used when the checkpoint carries no config
     numsamples: Annotated[int, Range(low=2)] = 100  # ListNet needs at least 2 samples to rank
-    sampling: Literal["ddpm", "ddim", "ddim_legacy"] = "ddpm"
+    sampling: SamplerName = "ddpm"
     steps: Optional[Count] = None
 
 
@@ -179,10 +182,10 @@ class TestConfig:
     numsamples: Count = 100  # N shape samples for IdRank
     num_expressions: Count = 100  # M expression samples
     num_saved_expressions: NonNegative = 15
-    sampling: Literal["ddpm", "ddim", "ddim_legacy"] = "ddim_legacy"  # IdGen
+    sampling: SamplerName = "ddim_legacy"  # IdGen
     steps: Optional[Count] = None
     eta: Probability = 0.0
-    exp_sampling: Literal["ddpm", "ddim", "ddim_legacy"] = "ddpm"  # ExpGen
+    exp_sampling: SamplerName = "ddpm"  # ExpGen
     exp_steps: Optional[Count] = None
     seed: Seed = 0
     # ArcFace's final BN1d where the original encodes one image alone (IdRank's context): "skip"

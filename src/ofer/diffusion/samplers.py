@@ -1,4 +1,5 @@
-"""Reverse-diffusion samplers: DDPM, strided DDIM and the original DDIM sequence (SPEC §5).
+"""Reverse-diffusion samplers: DDPM, strided DDIM, the original DDIM sequence (SPEC §5), and
+the few-step solvers DPM-Solver++ and UniPC (``ofer.diffusion.solvers``).
 
 All samplers start from x_T ~ N(0, I) and call ``eps_fn(x (B, D), t (B,) long)`` once per
 visited step; the caller binds the conditioning (context repeated per sample), so N samples
@@ -15,6 +16,8 @@ uses ``generator``, so a seeded generator makes sampling reproducible.
   next visit) with η = 0. At t = −1 the tables are indexed from the end as Python does
   (ᾱ[−1] for t, ᾱ[−2] for t−1), a near no-op, and the network receives t = −1, as in the
   original.
+- ``dpmpp_2m``, ``unipc``: diffusers' multistep ODE solvers on our schedule, ``steps``
+  network calls (default 10), deterministic; see ``ofer.diffusion.solvers``.
 """
 
 from __future__ import annotations
@@ -25,10 +28,11 @@ import torch
 
 from ofer.diffusion.noise import Generators, randn
 from ofer.diffusion.schedule import NoiseSchedule
+from ofer.diffusion.solvers import SOLVERS, solver_scheduler
 from ofer.progress import progress as progress_bar
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-SAMPLERS = ("ddpm", "ddim", "ddim_legacy")
+SAMPLERS = ("ddpm", "ddim", "ddim_legacy", *SOLVERS)
 DEFAULT_DDIM_STEPS = 50
 LEGACY_STRIDE = 4  # the original visits every 4th step
 
@@ -104,6 +108,24 @@ def _visits(sampler: str, num_steps: int, steps: int | None) -> list[tuple[int, 
     return [(t, t - 1) for t in legacy_timesteps(num_steps)]
 
 
+def _predict_noise(eps_fn: EpsFn, x: torch.Tensor, t: int) -> torch.Tensor:
+    """ε̂ = eps_fn(x, t) for every row of x at the one step t, shape-checked."""
+    eps = eps_fn(x, torch.full((x.shape[0],), t, dtype=torch.long, device=x.device))
+    if eps.shape != x.shape:
+        raise ValueError(f"sample: eps_fn returned shape {tuple(eps.shape)}, expected {tuple(x.shape)}")
+    return eps
+
+
+def _solve(
+    eps_fn: EpsFn, x: torch.Tensor, sampler: str, schedule: NoiseSchedule, steps: int | None, progress: bool
+) -> torch.Tensor:
+    """Run a diffusers multistep solver from x_T: one network call and one update per visit."""
+    scheduler = solver_scheduler(sampler, schedule, steps, x.device)
+    for t in progress_bar(scheduler.timesteps.tolist(), desc=sampler, disable=not progress):
+        x = scheduler.step(_predict_noise(eps_fn, x, t), t, x).prev_sample
+    return x
+
+
 @torch.no_grad()
 def sample(
     eps_fn: EpsFn,
@@ -122,8 +144,9 @@ def sample(
         eps_fn: noise predictor, (x (B, D), t (B,) long) -> ε̂ (B, D).
         schedule: the noise schedule the model was trained with.
         shape: (B, D) output shape (B = images × samples per image).
-        sampler: ``"ddpm"``, ``"ddim"`` or ``"ddim_legacy"``.
-        steps: number of DDIM steps (``ddim`` only; default 50).
+        sampler: one of ``SAMPLERS``.
+        steps: number of network calls for ``ddim`` (default 50), ``dpmpp_2m`` and
+            ``unipc`` (default 10); the other samplers have a fixed sequence.
         eta: DDIM stochasticity (``ddim`` only).
         generator: source of x_T and of the per-step noise, or one generator per image
             (``ofer.diffusion.noise``); must live on ``device``.
@@ -134,8 +157,10 @@ def sample(
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sample: sampler must be one of {SAMPLERS}, got {sampler!r}")
-    if sampler != "ddim" and (steps is not None or eta != 0.0):
-        raise ValueError(f"sample: steps and eta apply to 'ddim' only, not {sampler!r}")
+    if sampler in ("ddpm", "ddim_legacy") and steps is not None:
+        raise ValueError(f"sample: steps apply to 'ddim' and {SOLVERS}, not {sampler!r}")
+    if sampler != "ddim" and eta != 0.0:
+        raise ValueError(f"sample: eta applies to 'ddim' only, not {sampler!r}")
     if eta < 0.0:
         raise ValueError(f"sample: eta must be >= 0, got {eta}")
     device = schedule.betas.device if device is None else torch.device(device)
@@ -146,14 +171,11 @@ def sample(
     stochastic = sampler == "ddpm" or eta > 0.0
 
     x = randn(shape, generator, device)  # x_T
-    batch = x.shape[0]
+    if sampler in SOLVERS:
+        return _solve(eps_fn, x, sampler, schedule, steps, progress)
     visits = _visits(sampler, schedule.num_steps, steps)
     for t, target in progress_bar(visits, desc=sampler, disable=not progress):
-        eps = eps_fn(x, torch.full((batch,), t, dtype=torch.long, device=device))
-        if eps.shape != x.shape:
-            raise ValueError(
-                f"sample: eps_fn returned shape {tuple(eps.shape)}, expected {tuple(x.shape)}"
-            )
+        eps = _predict_noise(eps_fn, x, t)
         alpha_bar_prev = clean if target is None else alphas_cumprod[target]
         noise = None
         if stochastic and target is not None:

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from ofer.config import Config, ConfigError, load_config
+from ofer.diffusion.samplers import SAMPLERS
 from ofer.inference.export import done_marker, write_outputs
 from ofer.inference.outfolder import OutputFolderError, OutputLock, check_writable, lock_holder
 from ofer.inference.pipeline import OferPipeline, Reconstruction, load_inputs
@@ -68,10 +69,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="the original's number of checkpoints (3 in its test.sh); accepted, never part of file names")
     p.add_argument("--num-shapes", type=int, help="N IdGen samples ranked by IdRank (test.numsamples)")
     p.add_argument("--num-expressions", type=int, help="M ExpGen samples (test.num_expressions)")
-    p.add_argument("--sampler", choices=["ddpm", "ddim", "ddim_legacy"], help="IdGen sampler (test.sampling)")
-    p.add_argument("--steps", type=int, help="IdGen sampler steps for ddim (test.steps)")
-    p.add_argument("--exp-sampler", choices=["ddpm", "ddim", "ddim_legacy"], help="ExpGen sampler")
-    p.add_argument("--exp-steps", type=int, help="ExpGen sampler steps for ddim")
+    p.add_argument("--sampler", choices=SAMPLERS, help="IdGen sampler (test.sampling)")
+    p.add_argument("--steps", type=int, help="IdGen steps for ddim, dpmpp_2m, unipc (test.steps)")
+    p.add_argument("--exp-sampler", choices=SAMPLERS, help="ExpGen sampler")
+    p.add_argument("--exp-steps", type=int, help="ExpGen steps for ddim, dpmpp_2m, unipc")
     p.add_argument("--seed", type=int, help="random seed (test.seed); an image's samples depend on it and its name only")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="network dtype at inference (test.dtype)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
