@@ -31,9 +31,10 @@ def flame(tmp_path_factory) -> FLAME:
 
 def build(flame: FLAME, *test: str) -> OferPipeline:
     torch.manual_seed(0)
-    idgen = DiffusionStage(stage_config("arcface", 10, 512, [10, 6]), load_weights=False)
-    expgen = DiffusionStage(stage_config("arcfarl", 8, 1024, [8, 4]), load_weights=False)
-    idrank = IdRank(stage_config("arcfarl", 10, 1024, [10, 6]), shape_dim=3 * FRONT, load_weights=False)
+    idgen = DiffusionStage(stage_config("arcface", 10, 512, [10, 6], "model.n_shape=10"), load_weights=False)
+    expgen = DiffusionStage(stage_config("arcfarl", 8, 1024, [8, 4], "stage=expgen", "model.n_exp=5"),
+                            load_weights=False)
+    idrank = IdRank(stage_config("arcfarl", 10, 1024, [10, 6], "stage=idrank"), shape_dim=3 * FRONT, load_weights=False)
     # IdRank and ExpGen use the same FaRL; all three the same ArcFace.
     expgen.farl.load_state_dict(idrank.farl.state_dict())
     idgen.arcface.load_state_dict(idrank.arcface.state_dict())
