@@ -115,3 +115,18 @@ def test_bfloat16_option_runs_and_stays_near_float32(flame) -> None:
         a, b = torch.from_numpy(getattr(exact, name)), torch.from_numpy(getattr(low, name))
         assert torch.isfinite(b).all() and not torch.equal(a, b), name
         assert (a - b).abs().max() < 0.1 * a.abs().max(), name
+
+
+def test_jaw_limits_clamp_the_jaw_that_poses_the_meshes(flame) -> None:
+    """With all limits 0 every expression mesh has a closed, straight jaw; the raw samples are kept."""
+    image, arcface = inputs(1)
+    rec = build(flame, "test.jaw_limits=[0, 0, 0, 0, 0, 0]")(image, arcface, torch.Generator().manual_seed(3))[0]
+    assert (rec.jaws != 0).any()
+    shape = torch.from_numpy(rec.shapes[rec.best])[None].expand(len(rec.expressions), -1)
+    closed = pipe_flame_mm(flame, shape, torch.from_numpy(rec.expressions))
+    torch.testing.assert_close(torch.from_numpy(rec.expression_mm), closed, rtol=1e-4, atol=1e-3)
+
+
+def pipe_flame_mm(flame: FLAME, shape: torch.Tensor, expression: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return flame(shape, expression=expression) * 1000.0

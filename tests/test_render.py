@@ -7,8 +7,6 @@ from scipy.spatial import Delaunay
 
 from ofer import render
 from ofer.render import (
-    affine_project,
-    fit_affine_camera,
     flame_to_camera,
     image_grid,
     perspective_project,
@@ -94,6 +92,49 @@ def test_chunked_rasterisation_matches_one_pass(monkeypatch):
     assert (whole[0] == len(faces) - 1).any() and (whole[0] < len(faces) - 1).any()
 
 
+def _brute_force_zbuffer(vertices, faces, height, width):
+    """Per pixel centre: of the triangles containing it, the nearest; ties to the lower face."""
+    face_index = np.full((height, width), -1)
+    depth = np.full((height, width), -np.inf)
+    for i, j in np.ndindex(height, width):
+        for f, tri in enumerate(vertices[faces]):
+            (x0, y0, z0), (x1, y1, z1), (x2, y2, z2) = tri
+            area = (x1 - x0) * (y2 - y0) - (x2 - x0) * (y1 - y0)
+            if area == 0:
+                continue
+            w1 = ((j - x0) * (y2 - y0) - (x2 - x0) * (i - y0)) / area
+            w2 = ((x1 - x0) * (i - y0) - (j - x0) * (y1 - y0)) / area
+            w0 = 1 - w1 - w2
+            if min(w0, w1, w2) >= -1e-9 and w0 * z0 + w1 * z1 + w2 * z2 > depth[i, j] + 1e-9:
+                face_index[i, j], depth[i, j] = f, w0 * z0 + w1 * z1 + w2 * z2
+    return face_index, depth
+
+
+@pytest.mark.parametrize("budget", [1 << 20, 23])
+def test_zbuffer_matches_a_brute_force_reference_on_crossing_triangles(monkeypatch, budget):
+    rng = np.random.default_rng(7)
+    vertices = rng.uniform([-3, -3, 0], [20, 17, 10], size=(36, 3))  # 12 large, crossing, random-depth triangles
+    faces = np.arange(36).reshape(12, 3)
+    monkeypatch.setattr(render, "_FRAGMENT_BUDGET", budget)  # also across chunks
+    face_index, depth, bary = rasterize(vertices, faces, 15, 18)
+    expected_index, expected_depth = _brute_force_zbuffer(vertices, faces, 15, 18)
+    np.testing.assert_array_equal(face_index, expected_index)
+    np.testing.assert_allclose(depth, expected_depth, atol=1e-9)
+    covered = face_index >= 0
+    np.testing.assert_allclose((bary[covered][:, :, None] * vertices[faces[face_index[covered]]]).sum(1)[:, 2],
+                               depth[covered], atol=1e-9)
+
+
+def test_equal_depth_goes_to_the_lower_face_in_any_chunking(monkeypatch):
+    square = np.array([[0.0, 0, 3], [12, 0, 3], [12, 12, 3], [0, 12, 3]])
+    faces = np.array([[0, 1, 2], [0, 2, 3], [0, 1, 2], [1, 2, 3]])  # faces 0 and 2 coincide, 3 overlaps both
+    for budget in (1 << 20, 5):
+        monkeypatch.setattr(render, "_FRAGMENT_BUDGET", budget)
+        face_index, _, _ = rasterize(square, faces, 13, 13)
+        drawn = set(np.unique(face_index).tolist())
+        assert 2 not in drawn and 3 not in drawn and {0, 1} <= drawn
+
+
 def test_lambert_shading_matches_the_analytic_sphere():
     radius, size = 40.0, 100
     vertices, faces = _sphere(subdivisions=4)
@@ -174,32 +215,6 @@ def test_flame_to_camera_applies_rotation_before_translation():
     cam = flame_to_camera(vertices, rotation, np.array([0.01, 0.02, -0.5]))
     expected = (rotation @ vertices.T).T + [0.01, 0.02, -0.5]
     np.testing.assert_allclose(cam, expected * [1, -1, -1])
-
-
-def test_fit_affine_camera_recovers_a_known_camera():
-    rng = np.random.default_rng(3)
-    camera = rng.normal(size=(2, 4)) * [[800, 800, 800, 100]]
-    points = rng.normal(scale=0.05, size=(7, 3))
-    fitted = fit_affine_camera(points, points @ camera[:, :3].T + camera[:, 3])
-    np.testing.assert_allclose(fitted, camera, rtol=1e-8, atol=1e-6)
-    with pytest.raises(ValueError, match="not in one plane"):
-        flat = points * [1, 1, 0]
-        fit_affine_camera(flat, flat[:, :2])
-
-
-def test_affine_project_depth_follows_the_camera_rotation():
-    vertices, _ = _head()
-    yaw, scale = np.deg2rad(40), 500.0
-    rotation = np.diag([1.0, -1, -1]) @ np.array(
-        [[np.cos(yaw), 0, np.sin(yaw)], [0, 1, 0], [-np.sin(yaw), 0, np.cos(yaw)]]
-    )  # FLAME -> OpenCV camera axes, face turned by 40 degrees
-    camera = np.c_[scale * rotation[:2], [56.0, 56.0]]
-    screen = affine_project(vertices, camera)
-    np.testing.assert_allclose(screen[:, :2], vertices @ camera[:, :3].T + 56.0)
-    np.testing.assert_allclose(screen[:, 2], -scale * vertices @ rotation[2])  # minus the camera depth
-    assert np.argmax(screen[:, 2]) == np.argmax(vertices @ -rotation[2])
-    frontal = affine_project(vertices, np.c_[scale * np.diag([1.0, -1, -1])[:2], [56.0, 56.0]])
-    assert np.argmax(frontal[:, 2]) == np.argmax(vertices[:, 2])  # the nose is nearest
 
 
 def test_image_grid_layout_and_labels():

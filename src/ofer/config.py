@@ -187,6 +187,9 @@ class TestConfig:
     eta: Probability = 0.0
     exp_sampling: SamplerName = "ddpm"  # ExpGen
     exp_steps: Optional[Count] = None
+    # Clamp sampled jaw poses (radians, before model.jaw_scale) per axis into
+    # [x_lo, x_hi, y_lo, y_hi, z_lo, z_hi] (ofer.flame.jaw); null: as the original, no clamp.
+    jaw_limits: Optional[list[float]] = None
     seed: Seed = 0
     # ArcFace's final BN1d where the original encodes one image alone (IdRank's context): "skip"
     # as the original's forward does on a batch of one, "apply" as in training, "auto" = "skip"

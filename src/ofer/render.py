@@ -87,7 +87,7 @@ def rasterize(
         bary_plane = np.stack([-dy, dx, dy * rx - dx * ry], axis=2) / area[:, None, None]  # (F, 3, 3)
         depth_plane = np.einsum("fkc,fk->fc", bary_plane, z)  # (F, 3)
     ids = np.flatnonzero(drawn)  # faces whose bounding box holds at least one pixel centre
-    planes = np.concatenate([bary_plane[ids].reshape(-1, 9), depth_plane[ids]], axis=1)  # (K, 12)
+    planes = np.concatenate([bary_plane[ids].reshape(-1, 9), depth_plane[ids]], axis=1).T.copy()  # (12, K)
     first_pixel = (y_lo[ids] * width + x_lo[ids]).astype(np.int64)  # (K,)
     box_w = (x_hi[ids] - x_lo[ids] + 1).astype(np.int64)
     box_n = box_w * (y_hi[ids] - y_lo[ids] + 1).astype(np.int64)  # candidate pixels per face
@@ -101,21 +101,25 @@ def rasterize(
         local = np.repeat(np.arange(start, stop), box_n[start:stop])  # (N,) index into ids
         offset = np.arange(len(local)) + done - (ends - box_n)[local]  # (N,) raster order in the box
         v, u = np.divmod(offset, box_w[local])
-        coef = planes[local]  # (N, 12)
-        bary = coef[:, 0:9:3] * u[:, None] + coef[:, 1:9:3] * v[:, None] + coef[:, 2:9:3]  # (N, 3)
-        inside = (bary >= -1e-9).all(1)
-        local, bary, u, v, coef = local[inside], bary[inside], u[inside], v[inside], coef[inside]
-        frag_depth = coef[:, 9] * u + coef[:, 10] * v + coef[:, 11]
+        # Barycentric k = a u + b v + c with the plane (a, b, c) = planes[3k : 3k + 3] of the face.
+        inside = np.ones(len(local), dtype=bool)
+        for k in range(3):
+            inside &= planes[3 * k][local] * u + planes[3 * k + 1][local] * v + planes[3 * k + 2][local] >= -1e-9
+        local, u, v = local[inside], u[inside], v[inside]
+        coef = planes[:, local]  # (12, n) the planes of the fragments inside their face
+        bary = np.stack([coef[3 * k] * u + coef[3 * k + 1] * v + coef[3 * k + 2] for k in range(3)], axis=1)  # (n, 3)
+        frag_depth = coef[9] * u + coef[10] * v + coef[11]
         pixel = first_pixel[local] + v * width + u
 
-        # Nearest fragment per pixel within the chunk (ties: lower face), then against the buffer.
-        order = np.lexsort((local, -frag_depth, pixel))
-        first = np.ones(len(order), dtype=bool)
-        first[1:] = pixel[order][1:] != pixel[order][:-1]
-        best = order[first]
-        best = best[frag_depth[best] > depth[pixel[best]]]
+        # Z-buffer without sorting: raise the buffer to each pixel's nearest fragment; the
+        # fragments that reach it and beat what earlier chunks (lower faces) drew there win,
+        # the first of them (the lower face) where several tie.
+        before = depth[pixel]
+        np.maximum.at(depth, pixel, frag_depth)
+        nearest = np.flatnonzero((frag_depth == depth[pixel]) & (frag_depth > before))
+        _, first = np.unique(pixel[nearest], return_index=True)
+        best = nearest[first]
         face_index[pixel[best]] = ids[local[best]]
-        depth[pixel[best]] = frag_depth[best]
         barycentrics[pixel[best]] = bary[best]
         start = stop
 
@@ -268,59 +272,6 @@ def flame_to_camera(vertices_flame: np.ndarray, rotation: np.ndarray, translatio
     if rotation.shape != (3, 3) or translation.shape != (3,):
         raise ValueError(f"rotation must be (3, 3) and translation (3,), got {rotation.shape} and {translation.shape}")
     return (vertices_flame @ rotation.T + translation) @ _GL_TO_CV
-
-
-def fit_affine_camera(points3d: np.ndarray, points2d: np.ndarray) -> np.ndarray:
-    """Least-squares affine camera P (2, 4) with points2d ~ P @ [points3d, 1].
-
-    Needs at least 4 points not all in one plane (e.g. the 5 ArcFace keypoints of a face,
-    whose nose tip stands out of the plane of the eyes and mouth corners).
-
-    Args:
-        points3d: (K, 3) points, e.g. mesh keypoints in the FLAME frame.
-        points2d: (K, 2) their pixel positions.
-    """
-    points3d = np.asarray(points3d, dtype=np.float64)
-    points2d = np.asarray(points2d, dtype=np.float64)
-    if points3d.ndim != 2 or points3d.shape[1] != 3 or points2d.shape != (len(points3d), 2):
-        raise ValueError(f"expected points3d (K, 3) and points2d (K, 2), got {points3d.shape} and {points2d.shape}")
-    design = np.concatenate([points3d, np.ones((len(points3d), 1))], axis=1)  # (K, 4)
-    solution, _, rank, _ = np.linalg.lstsq(design, points2d, rcond=None)  # (4, 2)
-    if rank < 4:
-        raise ValueError(
-            f"the {len(points3d)} 3D points span fewer than 3 dimensions (rank {rank} < 4): "
-            "an affine camera needs at least 4 points not in one plane"
-        )
-    return solution.T
-
-
-def affine_project(vertices: np.ndarray, camera: np.ndarray) -> np.ndarray:
-    """Project vertices with an affine camera P = [A | b] (2, 4) to screen space.
-
-    x, y = A v + b. The viewing direction (away from the viewer) is r1 x r2 for the rows of
-    A, as in a right-handed OpenCV camera (x right, y down, z forward); z is minus the
-    coordinate along it, scaled by sqrt(|r1| |r2|) to pixels. So for any camera fitted to a
-    photo of a face, the front of the face (FLAME +z) is nearer than the back of the head.
-
-    Args:
-        vertices: (V, 3) points in the frame the camera was fitted in.
-        camera: (2, 4) affine camera from fit_affine_camera.
-
-    Returns:
-        (V, 3) screen-space vertices.
-    """
-    vertices = np.asarray(vertices, dtype=np.float64)
-    camera = np.asarray(camera, dtype=np.float64)
-    if vertices.ndim != 2 or vertices.shape[1] != 3 or camera.shape != (2, 4):
-        raise ValueError(f"expected vertices (V, 3) and camera (2, 4), got {vertices.shape} and {camera.shape}")
-    rows = camera[:, :3]
-    forward = np.cross(rows[0], rows[1])
-    if not np.linalg.norm(forward) > 0:
-        raise ValueError("degenerate affine camera: its two rows are parallel")
-    scale = np.sqrt(np.linalg.norm(rows[0]) * np.linalg.norm(rows[1]))
-    xy = vertices @ rows.T + camera[:, 3]  # (V, 2)
-    z = -scale * vertices @ (forward / np.linalg.norm(forward))  # (V,)
-    return np.concatenate([xy, z[:, None]], axis=1)
 
 
 def image_grid(

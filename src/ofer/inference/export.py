@@ -19,35 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
+from ofer.inference.pictures import overlay_picture, samples_sheet
 from ofer.inference.pipeline import Reconstruction
 from ofer.io import atomic_write, save_npy, save_npz, write_image, write_ply
-from ofer.preprocess import ARCFACE_TEMPLATE, arcface_to_bgr, five_keypoints
-from ofer.render import affine_project, fit_affine_camera, frontal_view, image_grid, render_mesh
 
 
 def done_marker(out: Path, name: str) -> Path:
     return out / name / "done.json"
-
-
-def overlay_picture(arcface: np.ndarray, rec: Reconstruction, faces: np.ndarray, scale: int = 3) -> np.ndarray:
-    """[aligned crop | best shape over it], drawn with an affine camera fitted to the 5 points.
-
-    The ArcFace crop is aligned so its five keypoints sit on the template; fitting the mesh's
-    five 3D landmarks to those positions places the mesh on the face without a pose estimate.
-    """
-    crop = arcface_to_bgr(arcface)
-    size = crop.shape[0] * scale
-    crop = np.ascontiguousarray(np.repeat(np.repeat(crop, scale, 0), scale, 1))
-    camera = fit_affine_camera(five_keypoints(rec.kpt68_mm), ARCFACE_TEMPLATE * scale)
-    drawn, _ = render_mesh(affine_project(rec.neutral_mm, camera), faces, size, size, background=crop, alpha=0.6)
-    return np.concatenate([crop, drawn], axis=1)
-
-
-def samples_sheet(rec: Reconstruction, faces: np.ndarray, count: int) -> np.ndarray:
-    """Contact sheet: the neutral best shape then up to `count` expression samples."""
-    tiles = [frontal_view(rec.neutral_mm, faces)] + [frontal_view(v, faces) for v in rec.expression_mm[:count]]
-    labels = ["neutral"] + [f"exp {k}" for k in range(len(tiles) - 1)]
-    return image_grid(tiles, ncols=min(len(tiles), 6), labels=labels)
 
 
 def write_outputs(out: Path, name: str, rec: Reconstruction, faces: np.ndarray, arcface: np.ndarray,
