@@ -11,8 +11,10 @@ for IdGen and ExpGen). All errors are mean per-vertex distances in mm:
   are measured): the first sample, the best (oracle), and the neutral face as the baseline;
   expression diversity is the spread of the M samples.
 
-It also prints each demo checkpoint's training time. Needs `python demo.py` (or the three
-demo trainings) to have run; `--checkpoints` and `--data` point at a demo run elsewhere.
+It also prints each demo checkpoint's training time. Uses the bundled demo models by default
+(`--checkpoints checkpoint/demo` for your own `python demo.py --train`) and needs the full
+synthetic data set with its SYNTHVAL actors (`python -m ofer.data.synthetic --out
+data/synthetic`, or `python demo.py --train`); `--data` points at it elsewhere.
 
 After the table, each setting is compared with the first one listed (put `ddpm 1000`
 first): the relative change of the IdRank pick's error, of the first expression sample's
@@ -118,6 +120,12 @@ def print_comparison(results: dict[str, dict[str, np.ndarray]]) -> None:
         print(f"| {label} | " + " | ".join(cells) + " |")
 
 
+def stage_checkpoint(folder: Path, stage: str) -> Path:
+    """`<folder>/<stage>.tar` (bundled models) or `<folder>/<stage>/last.tar` (a training run)."""
+    bundled = folder / f"{stage}.tar"
+    return bundled if bundled.is_file() else folder / stage / "last.tar"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=24)
@@ -125,20 +133,20 @@ def main() -> None:
     p.add_argument("--num-expressions", type=int, default=16)
     p.add_argument("--settings", nargs="*", default=list(SETTINGS), choices=list(SETTINGS))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoints", type=Path, default=REPO / "checkpoint" / "demo",
-                   help="folder with idgen/, expgen/, idrank/ last.tar")
+    p.add_argument("--checkpoints", type=Path, default=REPO / "models" / "demo",
+                   help="the bundled models (idgen.tar, expgen.tar, idrank.tar) or a training run's folder "
+                        "(idgen/, expgen/, idrank/ last.tar, e.g. checkpoint/demo)")
     p.add_argument("--data", type=Path, default=REPO / "data" / "synthetic",
                    help="the synthetic data set (with its flame/ assets)")
     args = p.parse_args()
-    ckpts = args.checkpoints
-    for stage in ("idgen", "expgen", "idrank"):
-        ckpt = read_checkpoint(ckpts / stage / "last.tar")
+    paths = {stage: stage_checkpoint(args.checkpoints, stage) for stage in ("idgen", "expgen", "idrank")}
+    for stage, path in paths.items():
+        ckpt = read_checkpoint(path)
         print(f"{stage}: {ckpt['step']} steps, trained for {ckpt.get('train_seconds', float('nan')) / 60:.1f} min")
     cfg = load_config(REPO / "configs" / "demo" / "test.yml",
                       [f"test.numsamples={args.num_shapes}", f"test.num_expressions={args.num_expressions}",
                        *[o for o in data_overrides(args.data) if o.startswith("model.")]])
-    pipe = OferPipeline.from_checkpoints(cfg, ckpts / "idrank" / "last.tar", ckpts / "idgen" / "last.tar",
-                                         ckpts / "expgen" / "last.tar", torch.device("cpu"))
+    pipe = OferPipeline.from_checkpoints(cfg, paths["idrank"], paths["idgen"], paths["expgen"], torch.device("cpu"))
     frames = held_out_frames(args.images, args.data)
     truth_flame = FLAME(cfg.model.flame_model_path, n_shape=frames["shape"].shape[1], n_exp=50)
     print(f"\n{len(frames['image'])} held-out frames, N={args.num_shapes} shapes, M={args.num_expressions} expressions, "
