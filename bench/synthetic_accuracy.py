@@ -133,6 +133,8 @@ def main() -> None:
     p.add_argument("--num-expressions", type=int, default=16)
     p.add_argument("--settings", nargs="*", default=list(SETTINGS), choices=list(SETTINGS))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="test.dtype: networks in float32 or under bfloat16 autocast")
     p.add_argument("--checkpoints", type=Path, default=REPO / "models" / "demo",
                    help="the bundled models (idgen.tar, expgen.tar, idrank.tar) or a training run's folder "
                         "(idgen/, expgen/, idrank/ last.tar, e.g. checkpoint/demo)")
@@ -145,6 +147,7 @@ def main() -> None:
         print(f"{stage}: {ckpt['step']} steps, trained for {ckpt.get('train_seconds', float('nan')) / 60:.1f} min")
     cfg = load_config(REPO / "configs" / "demo" / "test.yml",
                       [f"test.numsamples={args.num_shapes}", f"test.num_expressions={args.num_expressions}",
+                       f"test.dtype={args.dtype}",
                        *[o for o in data_overrides(args.data) if o.startswith("model.")]])
     pipe = OferPipeline.from_checkpoints(cfg, paths["idrank"], paths["idgen"], paths["expgen"], torch.device("cpu"))
     frames = held_out_frames(args.images, args.data)

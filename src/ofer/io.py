@@ -85,7 +85,7 @@ def image_size(path: str | os.PathLike) -> tuple[int, int] | None:
 
     Lets a reader refuse an absurdly large image before decoding allocates it.
     """
-    from PIL import Image  # Pillow reads headers lazily (a dependency of torchvision)
+    from PIL import Image  # Pillow reads headers lazily
 
     try:
         with Image.open(path) as image:
