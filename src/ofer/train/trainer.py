@@ -258,35 +258,35 @@ class Trainer:
         writer = SummaryWriter(str(self.out / "tb")) if place.is_main else None
         loader = self._loader(self.train_set, self.step, cfg.train.max_steps, cfg.train.seed, place.rank)
         self.task.train()
-        bar = progress(total=cfg.train.max_steps, initial=self.step, disable=not place.is_main, desc=cfg.stage)
         last = self.out / "last.tar"
         self._started = time.perf_counter()
-        for batch in loader:
-            batch = to_device(batch, place.device)
-            with torch.autocast(place.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                loss = model(batch)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.train.grad_clip:
-                nn.utils.clip_grad_norm_(self.task.parameters(), cfg.train.grad_clip)
-            self.optimizer.step()
-            if self.ema is not None:
-                self.ema.update_parameters(self.task.model)
-            self.step += 1
-            self.recent.append(self._mean_over_ranks(loss.item()))
-            bar.update(1)
-            bar.set_postfix(loss=f"{self.recent[-1]:.4f}", refresh=False)
-            if writer and self.step % cfg.train.log_steps == 0:
-                writer.add_scalar("train/loss", float(np.mean(self.recent[-cfg.train.log_steps :])), self.step)
-                for group in self.optimizer.param_groups:
-                    writer.add_scalar(f"lr/{group['name']}", group["lr"], self.step)
-            done = self.step >= cfg.train.max_steps
-            if self.step % cfg.train.val_steps == 0 or done:
-                self._after_validation(writer)
-                self.recent = []
-            if place.is_main and (self.step % cfg.train.checkpoint_steps == 0 or done):
-                last = self.save("last.tar")
-        bar.close()
+        with progress(total=cfg.train.max_steps, initial=self.step, disable=not place.is_main,
+                      desc=cfg.stage) as bar:  # closed also when a step raises
+            for batch in loader:
+                batch = to_device(batch, place.device)
+                with torch.autocast(place.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                    loss = model(batch)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.train.grad_clip:
+                    nn.utils.clip_grad_norm_(self.task.parameters(), cfg.train.grad_clip)
+                self.optimizer.step()
+                if self.ema is not None:
+                    self.ema.update_parameters(self.task.model)
+                self.step += 1
+                self.recent.append(self._mean_over_ranks(loss.item()))
+                bar.update(1)
+                bar.set_postfix(loss=f"{self.recent[-1]:.4f}", refresh=False)
+                if writer and self.step % cfg.train.log_steps == 0:
+                    writer.add_scalar("train/loss", float(np.mean(self.recent[-cfg.train.log_steps :])), self.step)
+                    for group in self.optimizer.param_groups:
+                        writer.add_scalar(f"lr/{group['name']}", group["lr"], self.step)
+                done = self.step >= cfg.train.max_steps
+                if self.step % cfg.train.val_steps == 0 or done:
+                    self._after_validation(writer)
+                    self.recent = []
+                if place.is_main and (self.step % cfg.train.checkpoint_steps == 0 or done):
+                    last = self.save("last.tar")
         if writer:
             writer.close()
         if place.world_size > 1:
