@@ -14,8 +14,7 @@ from conftest import REPO, demo_config
 from ofer.flame import FLAME
 from ofer.inference.cli import main as run_test
 from ofer.inference.cli import read_list
-from ofer.io import InputError, load_array, read_image, read_mesh
-from ofer.models.stages import DiffusionStage, IdRank
+from ofer.io import InputError, read_image, read_mesh
 
 NOW7 = [36, 39, 42, 45, 33, 48, 54]
 

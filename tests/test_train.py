@@ -165,8 +165,8 @@ def test_failed_checkpoint_write_names_the_file_and_keeps_the_previous_one(synth
         main("idgen", [*argv, "--opt", "train.max_steps=2", "--resume"])
     assert code.value.code == 1
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
-    assert errors == [f"{out / 'best.tar'}: could not be written ([enforce fail at inline_container.cc:603] . "
-                      "unexpected pos 4096 vs 1024); the previous best.tar is intact"]  # best.tar is written first
+    assert errors == [(f"{out / 'best.tar'}: could not be written ([enforce fail at inline_container.cc:603] . "
+                      "unexpected pos 4096 vs 1024); the previous best.tar is intact")]  # best.tar is written first
     assert {name: (out / name).read_bytes() for name in before} == before
     assert sorted(p.name for p in out.glob(".*.tar")) == []  # the partial temporary file is gone
 

@@ -48,8 +48,8 @@ def write_outputs(out: Path, name: str, rec: Reconstruction, faces: np.ndarray, 
     summary = {
         "name": name,
         "best_sample": rec.best,
-        "num_shapes": int(len(rec.shapes)),
-        "num_expressions": int(len(rec.expressions)),
+        "num_shapes": len(rec.shapes),
+        "num_expressions": len(rec.expressions),
         "best_score": float(rec.scores[rec.best]),
         **(provenance or {}),
     }
