@@ -10,8 +10,8 @@ import contextlib
 import glob
 import os
 import tempfile
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 
 import cv2
 import numpy as np
