@@ -86,10 +86,10 @@ def time_call(fn, device: torch.device, repeats: int = 5) -> float:
     return best
 
 
-def network_call(net: torch.nn.Module, context: torch.Tensor, dtype: torch.dtype):
+def network_call(net: torch.nn.Module, context: torch.Tensor, dtype: torch.dtype, compiled: bool = False):
     """One ε̂ call as sampling makes it: the fast path where the code has one, else forward."""
     if hasattr(net, "sampler"):
-        return net.sampler(context, dtype)
+        return net.sampler(context, dtype, compiled) if compiled else net.sampler(context, dtype)
     return lambda x, t: net(x, t, context)
 
 
@@ -99,6 +99,7 @@ def compare(args: argparse.Namespace) -> None:
     codes = {"today": REPO / "src", "old": Path(args.compare) / "src"}
     child = [sys.executable, __file__, "--json", "--only", label, "--num-shapes", str(args.num_shapes),
              "--num-expressions", str(args.num_expressions), "--images", str(args.images)]
+    child += ["--compile"] if args.compile else []  # older code without the option runs as it is
     results: dict[str, list[dict]] = {name: [] for name in codes}
     for r in range(args.repeats):
         for name, src in codes.items():
@@ -126,6 +127,7 @@ def main() -> None:
     p.add_argument("--tiny-encoders", action="store_true")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="test.dtype")
     p.add_argument("--cuda-graph", action="store_true", help="test.cuda_graph: replay denoiser calls as CUDA graphs")
+    p.add_argument("--compile", action="store_true", help="test.compile: torch.compile the denoiser call")
     p.add_argument("--only", nargs="*", help="labels of the settings to run (default: all)")
     p.add_argument("--compare", metavar="OLD_CHECKOUT", help="compare with another checkout (see above)")
     p.add_argument("--repeats", type=int, default=2, help="turns of each code with --compare")
@@ -136,32 +138,32 @@ def main() -> None:
         return
     device = torch.device(args.device)
     pipe = build(args.tiny_encoders, device, args.num_shapes, args.num_expressions, args.front)
-    if args.dtype != "float32" or args.cuda_graph:
-        pipe.test.dtype, pipe.test.cuda_graph = args.dtype, args.cuda_graph
+    pipe.test.dtype, pipe.test.cuda_graph, pipe.test.compile = args.dtype, args.cuda_graph, args.compile
     b = args.images
     image, arcface = torch.randn(b, 3, 224, 224), torch.randn(b, 3, 112, 112)
     print(f"device {device}, threads {torch.get_num_threads()}, {b} image(s) per batch, "
           f"N={args.num_shapes}, M={args.num_expressions}, encoders {'tiny' if args.tiny_encoders else 'ArcFace+FaRL'}, "
-          f"dtype {args.dtype}{', CUDA graphs' if args.cuda_graph else ''}")
+          f"dtype {args.dtype}{', CUDA graphs' if args.cuda_graph else ''}{', compiled' if args.compile else ''}")
 
     dtype = getattr(torch, args.dtype)
     with torch.no_grad():
         calls = {}
         for name, net, rows in (("IdGen", pipe.idgen.net, b * args.num_shapes),
                                 ("ExpGen", pipe.expgen.net, b * args.num_expressions)):
-            eps = network_call(net, torch.randn(rows, net.context_dim, device=device), dtype)
+            eps = network_call(net, torch.randn(rows, net.context_dim, device=device), dtype, args.compile)
             x, t = torch.randn(rows, net.flame_dim, device=device), torch.full((rows,), 500, device=device)
             calls[name] = time_call(lambda eps=eps, x=x, t=t: eps(x, t), device)
     print(f"one IdGen call (batch {b * args.num_shapes}): {1000 * calls['IdGen']:.1f} ms; "
           f"one ExpGen call (batch {b * args.num_expressions}): {1000 * calls['ExpGen']:.1f} ms")
 
-    # warm-up, diffusers' import (the solvers' first use) included
-    pipe.test.sampling, pipe.test.steps, pipe.test.exp_sampling, pipe.test.exp_steps = "dpmpp_2m", 2, "unipc", 2
-    pipe(image, arcface, torch.Generator(device).manual_seed(0))
+    # Warm-up with 2 steps of each solver the chosen settings use (diffusers' import included);
+    # ddim stands for the samplers without a step count (the network path is the same).
+    chosen = [row for row in SETTINGS if not args.only or row[0] in args.only]
+    for warm in sorted({s if s in ("dpmpp_2m", "unipc") else "ddim" for row in chosen for s in (row[1], row[3])}):
+        pipe.test.sampling, pipe.test.steps, pipe.test.exp_sampling, pipe.test.exp_steps = warm, 2, warm, 2
+        pipe(image, arcface, torch.Generator(device).manual_seed(0))
     print("\n| setting | s per image | images/s |\n|---|---|---|")
-    for label, s_id, n_id, s_exp, n_exp in SETTINGS:
-        if args.only and label not in args.only:
-            continue
+    for label, s_id, n_id, s_exp, n_exp in chosen:
         pipe.test.sampling, pipe.test.steps, pipe.test.exp_sampling, pipe.test.exp_steps = s_id, n_id, s_exp, n_exp
         generator = torch.Generator(device).manual_seed(0)
         if device.type == "cuda":

@@ -269,3 +269,16 @@ def test_bfloat16_sampler_is_close_to_float32() -> None:
     assert low.dtype == torch.float32 and torch.isfinite(low).all()
     assert not torch.equal(low, exact)  # it did run in bfloat16
     assert (low - exact).abs().max() < 0.05 * exact.abs().max()
+
+
+def test_compiled_fast_path_equals_the_eager_one() -> None:
+    """test.compile: the call compiled by torch.compile gives the eager fast path's output,
+    also for a second sampler of the same network (which reuses the compiled code)."""
+    torch.manual_seed(0)
+    net = Denoiser(12, 16, [12, 8, 4]).eval()
+    x, t = torch.randn(6, 12), torch.full((6,), 7, dtype=torch.long)
+    for _ in range(2):
+        context = torch.randn(6, 16)
+        eager = net.sampler(context)(x, t)
+        compiled = net.sampler(context, compiled=True)(x, t)
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)

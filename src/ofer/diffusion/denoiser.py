@@ -20,6 +20,7 @@ every ResnetBlock's modulation) and the time half once per step for all rows.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import re
@@ -302,9 +303,11 @@ class Denoiser(nn.Module):
         modulations = [block.mlp(cond) for block in self.resnet_blocks()]
         return self.unet(x, modulations, [None] * len(self.attentions()))
 
-    def sampler(self, context: torch.Tensor, dtype: torch.dtype = torch.float32) -> DenoiserSampler:
+    def sampler(
+        self, context: torch.Tensor, dtype: torch.dtype = torch.float32, compiled: bool = False
+    ) -> DenoiserSampler:
         """The fast ε̂(x, t) of one sampling run with this (B, C) context (see DenoiserSampler)."""
-        return DenoiserSampler(self, context, dtype)
+        return DenoiserSampler(self, context, dtype, compiled)
 
     def unet(
         self,
@@ -366,10 +369,13 @@ class DenoiserSampler:
     mlp([τ, c]) = W_τ·SiLU(τ) + W_c·SiLU(c) + b (SiLU is elementwise), so W_c·SiLU(c) + b is
     computed here, and W_τ·SiLU(τ) once per step for all rows. With ``dtype`` bfloat16 the
     network runs under autocast with the projections stored in that dtype; ε̂ is float32.
+    With ``compiled`` each call runs ``eps`` as compiled by torch.compile (``compiled_eps``).
     """
 
-    def __init__(self, net: Denoiser, context: torch.Tensor, dtype: torch.dtype = torch.float32) -> None:
-        self.net, self.dtype = net, dtype
+    def __init__(
+        self, net: Denoiser, context: torch.Tensor, dtype: torch.dtype = torch.float32, compiled: bool = False
+    ) -> None:
+        self.net, self.dtype, self.compiled = net, dtype, compiled
         linears = [block.mlp[1] for block in net.resnet_blocks()]
         self.sizes = [linear.out_features for linear in linears]
         weight = torch.cat([linear.weight for linear in linears])  # (S, 512 + C)
@@ -397,7 +403,19 @@ class DenoiserSampler:
                 f"DenoiserSampler: x {tuple(x.shape)} and t {tuple(t.shape)} must have "
                 f"{self.context_part.shape[0]} rows (the context's)"
             )
-        return self.eps(x, step_time(t))
+        eps = compiled_eps() if self.compiled else DenoiserSampler.eps
+        return eps(self, x, step_time(t))
+
+
+@functools.cache
+def compiled_eps() -> Callable[[DenoiserSampler, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``DenoiserSampler.eps`` compiled by torch.compile (inductor), made once per process.
+
+    Inductor fuses the many small elementwise operations of one call; the first call of each
+    network and batch size compiles (tens of seconds on a CPU, kept in inductor's on-disk
+    cache), later samplers of the same network reuse the compiled code.
+    """
+    return torch.compile(DenoiserSampler.eps, dynamic=False)
 
 
 class StaticEps:

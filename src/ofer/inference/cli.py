@@ -75,6 +75,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--exp-steps", type=int, help="ExpGen steps for ddim, dpmpp_2m, unipc")
     p.add_argument("--seed", type=int, help="random seed (test.seed); an image's samples depend on it and its name only")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="network dtype at inference (test.dtype)")
+    p.add_argument("--compile", action="store_const", const="true",
+                   help="torch.compile the denoiser call (test.compile): slow first call, then faster")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
     p.add_argument("--batch", type=int, default=1, help="images reconstructed together")
     p.add_argument("--overwrite", action="store_true", help="redo images that already have outputs")
@@ -160,7 +162,7 @@ def run(args: argparse.Namespace, ranks: Ranks) -> int:
     overrides = list(args.opt)
     for flag, key in (("num_shapes", "numsamples"), ("num_expressions", "num_expressions"), ("sampler", "sampling"),
                       ("steps", "steps"), ("exp_sampler", "exp_sampling"), ("exp_steps", "exp_steps"), ("seed", "seed"),
-                      ("dtype", "dtype")):
+                      ("dtype", "dtype"), ("compile", "compile")):
         if getattr(args, flag) is not None:
             overrides.append(f"test.{key}={getattr(args, flag)}")
     cfg = load_config(args.cfg, overrides)

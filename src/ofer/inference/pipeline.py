@@ -156,7 +156,7 @@ class OferPipeline:
         dtype = torch.bfloat16 if t.dtype == "bfloat16" else torch.float32
         with torch.autocast(self.device.type, dtype, enabled=dtype != torch.float32):
             ctx_idgen, ctx_idrank, ctx_expgen = self.encode(image, arcface)
-        options = {"dtype": dtype, "cuda_graph": t.cuda_graph}
+        options = {"dtype": dtype, "cuda_graph": t.cuda_graph, "compiled": t.compile}
 
         # IdGen: N shape samples per image, as neutral FLAME meshes in mm.
         shapes = self.idgen.sample(ctx_idgen, t.numsamples, t.sampling, t.steps, t.eta, generator, **options)

@@ -99,6 +99,7 @@ class DiffusionStage(ImageContext):
         progress: bool = False,
         dtype: torch.dtype = torch.float32,
         cuda_graph: bool = False,
+        compiled: bool = False,
     ) -> torch.Tensor:
         """Draw `num_samples` coefficient vectors per context: (B, C) -> (B, N, D), in one batch.
 
@@ -106,11 +107,11 @@ class DiffusionStage(ImageContext):
         may be one generator per image (`ofer.diffusion.noise`). The network runs its fast
         inference path (`Denoiser.sampler`), in `dtype` (float32, or bfloat16 autocast); with
         `cuda_graph` each network call runs over static buffers (`StaticEps`), captured as a
-        CUDA graph on a CUDA device.
+        CUDA graph on a CUDA device; with `compiled` the call is compiled by torch.compile.
         """
         b = context.shape[0]
         ctx = context.repeat_interleave(num_samples, dim=0)  # (B*N, C), samples of one image adjacent
-        eps_fn = self.net.sampler(ctx, dtype)
+        eps_fn = self.net.sampler(ctx, dtype, compiled)
         if cuda_graph:
             eps_fn = StaticEps(eps_fn.eps, (b * num_samples, self.flame_dim), context.device, cuda_graph=True)
         x = sample(
