@@ -37,7 +37,7 @@ from ofer.train.cli import main as train
 
 log = logging.getLogger("demo")
 DATA = Path("data/synthetic")
-BUNDLED = Path("models/demo")  # inference-only copies of the demo checkpoints (see models/demo/README.md)
+BUNDLED = Path("models/demo")  # inference-only copies of the demo checkpoints (README: how they were made)
 TRAINED = Path("checkpoint/demo")
 TEST_CFG = "configs/demo/test.yml"
 STAGES = (("idgen", "configs/demo/idgen.yml"), ("expgen", "configs/demo/expgen.yml"), ("idrank", "configs/demo/idrank.yml"))
@@ -112,8 +112,9 @@ def photos(folder: Path, keypoints: Path | None, ckpt: dict[str, Path], out: Pat
                   folder, crops / "preprocess_report.json")
         return 1
     code = run_and_show(test_command(ckpt, crops / "list.txt", crops, out))
-    where(out)
-    print(f"\n{SYNTHETIC_FACES_NOTE}")
+    if code in (0, 1):  # 1: some images failed, summary.json says which
+        where(out)
+        print(f"\n{SYNTHETIC_FACES_NOTE}")
     return code
 
 
@@ -128,9 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     start = time.perf_counter()
     ckpt = checkpoints(args.train)
-    if args.train or args.photos is None:
-        if not make_data(args.train, args.actors):
-            return 2
+    if not make_data(args.train, args.actors):  # the demo models need the synthetic FLAME-format model
+        return 2
     if args.train:
         for stage, cfg in STAGES:
             train(stage, ["--cfg", cfg, "--resume", *(arg for o in args.opt for arg in ("--opt", o))])

@@ -131,3 +131,25 @@ def test_demo_photos_runs_preprocess_and_test(demo_test_set, tmp_path, monkeypat
     assert (tmp_path / "out" / "shapesample" / "face_0.ply").is_file()
     assert (tmp_path / "out" / "face" / "overlay.png").is_file()
     assert "not meaningful" in printed and "python test.py" in printed and "python -m ofer.preprocess" in printed
+
+
+def test_demo_photos_in_a_fresh_folder_makes_the_synthetic_model_first(demo_test_set, tmp_path, monkeypatch, capsys):
+    """`python demo.py --photos DIR` as the first command of a fresh clone: the demo models need the
+    synthetic FLAME-format model, which is written first (no data/ yet)."""
+    import cv2
+
+    sys.path.insert(0, str(REPO))
+    import demo
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    cv2.imwrite(str(photos / "face.jpg"), cv2.imread(str(demo_test_set / "test" / "clear_02.jpg")))
+    (tmp_path / "kps.json").write_text(json.dumps({"face.jpg": {"kps": [[80, 95], [144, 95], [112, 130],
+                                                                       [86, 165], [138, 165]]}}))
+    for folder in ("models", "configs"):
+        (tmp_path / folder).symlink_to(REPO / folder)
+    monkeypatch.chdir(tmp_path)
+    assert demo.main(["--photos", str(photos), "--keypoints", str(tmp_path / "kps.json")]) == 0
+    assert (tmp_path / "data" / "synthetic" / "flame" / "generic_model.pkl").is_file()
+    assert (tmp_path / "output" / "demo_photos" / "shapesample" / "face_0.ply").is_file()
+    assert "not meaningful" in capsys.readouterr().out
