@@ -10,6 +10,7 @@ import contextlib
 import glob
 import os
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -87,13 +88,15 @@ def image_size(path: str | os.PathLike) -> tuple[int, int] | None:
     """
     from PIL import Image  # Pillow reads headers lazily
 
-    try:
-        with Image.open(path) as image:
-            return image.size
-    except Image.DecompressionBombError as err:  # Pillow's own limit, far above ours
-        raise InputError(f"{path}: image is too large ({err})") from err
-    except Exception:  # not a format Pillow knows, or a corrupt header: the decoder decides
-        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the caller judges the size
+        try:
+            with Image.open(path) as image:
+                return image.size
+        except Image.DecompressionBombError as err:  # Pillow's own limit, far above any of ours
+            raise InputError(f"{path}: image is too large ({err})") from err
+        except Exception:  # not a format Pillow knows, or a corrupt header: the decoder decides
+            return None
 
 
 def read_image(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
@@ -106,8 +109,8 @@ def read_image(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> n
         raise InputError(f"{path}: image file not found")
     size = image_size(path)
     if size is not None and size[0] * size[1] > max_pixels:
-        raise InputError(f"{path}: image of {size[0]}x{size[1]} pixels is too large "
-                         f"(at most {max_pixels:,} pixels are read)")
+        raise InputError(f"{path}: {size[0]}×{size[1]} image ({size[0] * size[1] / 1e6:.0f} megapixels) is larger "
+                         f"than the {max_pixels / 1e6:g}-megapixel limit; downscale it first")
     data = np.fromfile(path, dtype=np.uint8)
     try:
         image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None

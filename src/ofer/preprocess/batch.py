@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import tempfile
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -63,34 +62,6 @@ def list_images(input_path: Path) -> list[tuple[Path, str]]:
             path = Path(entry)
             images.append((path if path.is_absolute() else input_path.parent / path, entry))
     return images
-
-
-def _header_size(path: Path, max_pixels: int) -> tuple[int, int] | None:
-    """(width, height) from the file header, without decoding pixels; None if Pillow can't tell."""
-    from PIL import Image, UnidentifiedImageError
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            with Image.open(path) as image:
-                return image.size
-        except Image.DecompressionBombError as err:  # Pillow refuses, from the header, sizes far above ours
-            raise InputError(f"{path}: larger than the {max_pixels / 1e6:g}-megapixel limit ({err})") from err
-        except (UnidentifiedImageError, OSError, ValueError):
-            return None  # OpenCV may still read it, or says it can't
-
-
-def read_photo(path: Path, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
-    """Read a photo as BGR uint8 (H, W, 3), refusing one above `max_pixels` before decoding it."""
-    if not path.is_file():
-        raise InputError(f"{path}: image file not found")
-    size = _header_size(path, max_pixels)
-    if size is not None and size[0] * size[1] > max_pixels:
-        raise InputError(
-            f"{path}: {size[0]}×{size[1]} image ({size[0] * size[1] / 1e6:.0f} megapixels) is larger than the "
-            f"{max_pixels / 1e6:g}-megapixel limit; downscale it first"
-        )
-    return read_image(path)
 
 
 def check_face_in_photo(face: PreparedFace, image_shape: tuple[int, ...]) -> None:
@@ -149,7 +120,7 @@ def process_image(
     max_pixels: int = MAX_IMAGE_PIXELS,
 ) -> dict:
     """Crop one photo, write `<name>.jpg` and `<name>.npy`; return its report entry."""
-    image = read_photo(image_path, max_pixels)
+    image = read_image(image_path, max_pixels)
     kps5, box, score = _find_face(image, relative, keypoints, detector, min_score)
     face = prepare_face(image, kps5, box)
     check_face_in_photo(face, image.shape)
