@@ -24,7 +24,7 @@ import functools
 import itertools
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -301,7 +301,7 @@ class Denoiser(nn.Module):
             raise ValueError(f"Denoiser: t must be ({batch},), got {tuple(t.shape)}")
         cond = torch.cat([self.time_mlp(t), context], dim=1)  # (B, 512 + C)
         modulations = [block.mlp(cond) for block in self.resnet_blocks()]
-        return self.unet(x, modulations, [None] * len(self.attentions()))
+        return self.unet(x, modulations, itertools.repeat(None))  # each attention stacks its own weights
 
     def sampler(
         self, context: torch.Tensor, dtype: torch.dtype = torch.float32, compiled: bool = False
@@ -313,7 +313,7 @@ class Denoiser(nn.Module):
         self,
         x: torch.Tensor,
         modulations: Sequence[torch.Tensor],
-        qkv_weights: Sequence[torch.Tensor | None],
+        qkv_weights: Iterable[torch.Tensor | None],
     ) -> torch.Tensor:
         """The U-Net walk: x (B, D) -> ε̂ (B, D), given each ResnetBlock's mlp(cond) and each
         Attention's stacked projection weight (None: stack it here), in the order of
@@ -403,8 +403,11 @@ class DenoiserSampler:
                 f"DenoiserSampler: x {tuple(x.shape)} and t {tuple(t.shape)} must have "
                 f"{self.context_part.shape[0]} rows (the context's)"
             )
-        eps = compiled_eps() if self.compiled else DenoiserSampler.eps
-        return eps(self, x, step_time(t))
+        return self.step(x, step_time(t))
+
+    def step(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``eps`` (x (B, D), t (1,)), compiled when the sampler was built with ``compiled``."""
+        return (compiled_eps() if self.compiled else DenoiserSampler.eps)(self, x, t)
 
 
 @functools.cache

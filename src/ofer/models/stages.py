@@ -113,7 +113,7 @@ class DiffusionStage(ImageContext):
         ctx = context.repeat_interleave(num_samples, dim=0)  # (B*N, C), samples of one image adjacent
         eps_fn = self.net.sampler(ctx, dtype, compiled)
         if cuda_graph:
-            eps_fn = StaticEps(eps_fn.eps, (b * num_samples, self.flame_dim), context.device, cuda_graph=True)
+            eps_fn = StaticEps(eps_fn.step, (b * num_samples, self.flame_dim), context.device, cuda_graph=True)
         x = sample(
             eps_fn,
             self.var_sched,
