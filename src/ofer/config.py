@@ -62,11 +62,10 @@ class Range:
 
 
 Count = Annotated[int, Range(low=1)]  # sizes, step counts, intervals
-NonNegative = Annotated[int, Range(low=0)]
+NonNegative = Annotated[int, Range(low=0)]  # counts that may be 0, seeds (numpy needs them >= 0)
 Positive = Annotated[float, Range(low=0, low_open=True)]  # learning rates, clip norms
 Probability = Annotated[float, Range(low=0, high=1)]
 Beta = Annotated[float, Range(low=0, high=1, low_open=True, high_open=True)]
-Seed = Annotated[int, Range(low=0)]  # numpy seeds must be non-negative
 
 
 # ----------------------------------------------------------------------------- schema
@@ -170,7 +169,7 @@ class TrainConfig:
     amp: bool = True  # mixed precision, used only on CUDA
     lr_patience: NonNegative = 10  # ReduceLROnPlateau, counted in validations
     lr_factor: Annotated[float, Range(low=0, high=1, low_open=True, high_open=True)] = 0.5
-    seed: Seed = 0
+    seed: NonNegative = 0
     output_dir: str = "output/run"
     device: str = "auto"
 
@@ -190,7 +189,7 @@ class TestConfig:
     # Clamp sampled jaw poses (radians, before model.jaw_scale) per axis into
     # [x_lo, x_hi, y_lo, y_hi, z_lo, z_hi] (ofer.flame.jaw); null: as the original, no clamp.
     jaw_limits: Optional[list[float]] = None
-    seed: Seed = 0
+    seed: NonNegative = 0
     # ArcFace's final BN1d where the original encodes one image alone (IdRank's context): "skip"
     # as the original's forward does on a batch of one, "apply" as in training, "auto" = "skip"
     # for original checkpoints and "apply" for ours (see ofer.encoders.arcface).

@@ -165,8 +165,8 @@ def render_mesh(
     same. Intensity = ambient + (1 - ambient) * max(0, n . l).
 
     Args:
-        vertices_screen: (V, 3) screen-space vertices, e.g. from perspective_project or
-            affine_project (their z shares the units of x and y, as the normals need).
+        vertices_screen: (V, 3) screen-space vertices, e.g. from perspective_project (its z
+            shares the units of x and y, as the normals need).
         faces: (F, 3) vertex indices.
         height, width: image size.
         background: (H, W, 3) uint8 BGR image to draw over; None for black.
