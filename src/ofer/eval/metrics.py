@@ -164,7 +164,7 @@ def evaluate_folder(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, mask
             result["neutral_shape"] = mesh_errors(_read_vertices(shape_path, gt.shape[0]), gt, occluded, align, fit_on)
         per_image[name] = {"num_samples": len(sample_paths), **result}
     keys = sorted({k for r in per_image.values() for k in r if k != "num_samples"})
-    mean = {k: {region: _nanmean([r[k][region] for r in per_image.values() if k in r]) for region in REGIONS}
+    mean = {k: {region: nanmean([r[k][region] for r in per_image.values() if k in r]) for region in REGIONS}
             for k in keys}
     return {"unit": "mm", "ranked_index": ranked_index, "aligned": align, "n_images": len(names),
             "n_evaluated": len(per_image), "n_missing": len(missing), "missing": missing,
@@ -178,7 +178,8 @@ def _read_vertices(path: Path, num_vertices: int) -> np.ndarray:
     return vertices
 
 
-def _nanmean(values: Sequence[float]) -> float:
+def nanmean(values: Sequence[float]) -> float:
+    """Mean of the values that are not NaN (NaN when none is)."""
     finite = [v for v in values if not math.isnan(v)]
     return float(np.mean(finite)) if finite else math.nan
 

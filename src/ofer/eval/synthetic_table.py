@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ofer.eval.metrics import evaluate_samples, find_samples, vertex_errors
+from ofer.eval.metrics import evaluate_samples, find_samples, nanmean, vertex_errors
 from ofer.flame import FLAME
 from ofer.io import InputError, load_array, read_mesh
 
@@ -92,13 +92,8 @@ def synthetic_table(out: str | Path, data: str | Path, jaw_scale: float = 1.0) -
     mean_face = _mesh(data / "flame" / "mean_shape.ply")
     names = (data / "test" / "list.txt").read_text().split()
     rows = {name: image_row(out, gt, name, flame, mean_face, jaw_scale) for name in names}
-    rows["MEAN"] = {k: _nanmean([r[k] for r in rows.values()]) for k in COLUMNS}
+    rows["MEAN"] = {k: nanmean([r[k] for r in rows.values()]) for k in COLUMNS}
     return rows
-
-
-def _nanmean(values: list[float]) -> float:
-    finite = [v for v in values if not math.isnan(v)]
-    return float(np.mean(finite)) if finite else math.nan
 
 
 def format_table(rows: dict[str, dict[str, float]]) -> str:
