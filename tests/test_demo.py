@@ -153,3 +153,19 @@ def test_demo_photos_in_a_fresh_folder_makes_the_synthetic_model_first(demo_test
     assert (tmp_path / "data" / "synthetic" / "flame" / "generic_model.pkl").is_file()
     assert (tmp_path / "output" / "demo_photos" / "shapesample" / "face_0.ply").is_file()
     assert "not meaningful" in capsys.readouterr().out
+
+
+def test_bundle_write_failure_names_the_file(tmp_path, monkeypatch, caplog):
+    """A full disk while writing a bundle: one error line naming the file, exit 1, nothing left behind."""
+    import torch
+
+    from ofer.inference import bundle
+
+    def full_disk(obj, f):
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 4096 vs 1024")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    out = tmp_path / "idgen.tar"
+    assert bundle.main(["--checkpoint", str(BUNDLED / "idgen.tar"), "--out", str(out)]) == 1
+    assert any(str(out) in r.getMessage() and "could not be written" in r.getMessage() for r in caplog.records)
+    assert list(tmp_path.iterdir()) == []

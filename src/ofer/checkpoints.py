@@ -224,8 +224,14 @@ def save_checkpoint(path: str | Path, model: nn.Module, **extra: Any) -> None:
         if isinstance(part, nn.Module):
             ckpt[key] = {k: v.detach().cpu() for k, v in part.state_dict().items()}
     ckpt.update(extra)
+    write_torch_file(path, ckpt)
+
+
+def write_torch_file(path: str | Path, obj: Any) -> None:
+    """`torch.save(obj)` to `path` atomically; a failed write raises `ofer.io.WriteError` naming
+    `path` (an older file there is kept)."""
     with atomic_write(path) as tmp:
         try:
-            torch.save(ckpt, tmp)
+            torch.save(obj, tmp)
         except RuntimeError as err:  # torch reports a failed write (disk full) as "enforce fail at inline_container.cc"
             raise OSError(str(err)) from err

@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from ofer.checkpoints import FORMAT, read_checkpoint
-from ofer.io import InputError, atomic_write
+from ofer.checkpoints import FORMAT, read_checkpoint, write_torch_file
+from ofer.io import InputError, WriteError
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +67,7 @@ def write_bundle(checkpoint: str | Path, out: str | Path, dtype: str = "float16"
     if checkpoint.resolve() == out.resolve():
         raise InputError(f"{out}: the bundle must not overwrite its source checkpoint")
     bundle = make_bundle(read_checkpoint(checkpoint), dtype, str(checkpoint), made_by)
-    with atomic_write(out) as tmp:
-        torch.save(bundle, tmp)
+    write_torch_file(out, bundle)
     log.info("wrote %s (%.1f MB, %s) from %s", out, out.stat().st_size / 1e6, dtype, checkpoint)
     return out
 
@@ -86,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as err:
         log.error("%s", err)
         return 2
+    except WriteError as err:  # e.g. a full disk: names the file
+        log.error("%s", err)
+        return 1
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
     return 0
 
