@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from ofer.diffusion import Denoiser, NoiseSchedule, diffusion_loss, sample
+from ofer.diffusion.samplers import network_steps
 from ofer.diffusion.denoiser import (
     Attention,
     ResnetBlock,
@@ -118,7 +119,7 @@ def test_stacked_projections_match_per_projection_loop() -> None:
     expected = reference_attention(attn, x)
     assert expected.shape == (5, 7, 1)
     torch.testing.assert_close(attn(x[:, :, 0]), expected[:, :, 0], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(attn(x[:, :, 0], attn.stacked_weight()), expected[:, :, 0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(attn(x[:, :, 0], attn.prepare()), expected[:, :, 0], rtol=1e-5, atol=1e-6)
 
 
 def test_resnet_block_matches_convolution_form() -> None:
@@ -134,7 +135,7 @@ def test_resnet_block_matches_convolution_form() -> None:
     h = block.block1.act(block.block1.norm(block.block1.proj(x[:, :, None])) * (scale + 1) + shift)
     h = block.block2.act(block.block2.norm(block.block2.proj(h)))
     expected = (h + block.res_conv(x[:, :, None]))[:, :, 0]
-    torch.testing.assert_close(block(x, block.mlp(cond)), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(block(x, block.modulation(block.mlp(cond))), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_batch_of_one_matches_batch_of_five() -> None:
@@ -211,7 +212,9 @@ FAST_CASES = [
 
 @pytest.mark.parametrize("kwargs", FAST_CASES)
 @pytest.mark.parametrize("step", [-1, 0, 3, 517, 999])
-def test_fast_sampler_matches_training_path(kwargs: dict, step: int) -> None:
+@pytest.mark.parametrize("planned", [(), (999, 517, 3, 0, -1)], ids=["per-call", "planned"])
+def test_fast_sampler_matches_training_path(kwargs: dict, step: int, planned: tuple[int, ...]) -> None:
+    """Also with the time half of the run's steps computed up front."""
     torch.manual_seed(4)
     model = Denoiser(**kwargs).eval()
     gen = torch.Generator().manual_seed(step + 10)
@@ -220,9 +223,32 @@ def test_fast_sampler_matches_training_path(kwargs: dict, step: int) -> None:
     t = torch.full((7,), step)
     with torch.no_grad():
         expected = model(x, t, context)
-        fast = model.sampler(context)(x, t)
-    assert fast.shape == expected.shape
-    assert (fast - expected).abs().max() <= 1e-5
+        out = model.sampler(context, timesteps=planned)(x, t)
+    assert out.shape == expected.shape
+    assert (out - expected).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "ddim_legacy", "dpmpp_2m", "unipc"])
+def test_network_steps_are_the_steps_sampling_calls(sampler: str) -> None:
+    """network_steps lists exactly the steps `sample` calls the network at, in order, and a
+    sampler prepared for them samples as one that computes each step's time half when called."""
+    model = Denoiser(**FAST_CASES[0]).eval()
+    schedule = NoiseSchedule(num_steps=20)
+    context = torch.randn(4, 16)
+    steps = None if sampler in ("ddpm", "ddim_legacy") else 5
+    called: list[int] = []
+    fast = model.sampler(context)
+
+    def recording(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        called.append(int(t[0]))
+        return fast(x, t)
+
+    plain = sample(recording, schedule, (4, 12), sampler, steps, generator=torch.Generator().manual_seed(2))
+    planned_steps = network_steps(sampler, schedule, steps)
+    assert planned_steps == called
+    planned = model.sampler(context, timesteps=planned_steps)
+    prepared = sample(planned, schedule, (4, 12), sampler, steps, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(prepared, plain, rtol=1e-5, atol=1e-5)
 
 
 def test_fast_sampler_wants_one_step_and_its_context_rows() -> None:
@@ -232,6 +258,11 @@ def test_fast_sampler_wants_one_step_and_its_context_rows() -> None:
         fast(torch.randn(3, 12), torch.tensor([5, 5, 6]))
     with pytest.raises(ValueError, match="3 rows"):
         fast(torch.randn(2, 12), torch.tensor([5, 5]))
+    planned = model.sampler(torch.randn(3, 8), timesteps=[9, 5, 1])
+    with pytest.raises(ValueError, match="prepared for steps 1…9 .3 steps., called at step 4"):
+        planned(torch.randn(3, 12), torch.tensor([4, 4, 4]))
+    with pytest.raises(ValueError, match="eager path only"):
+        model.sampler(torch.randn(3, 8), compiled=True, timesteps=[9, 5, 1])
 
 
 def test_fast_sampler_follows_weight_changes_only_when_rebuilt() -> None:

@@ -102,9 +102,11 @@ def test_cuda_graph_option_runs_the_static_path_with_the_same_result(flame) -> N
     image, arcface = inputs(1)
     eager = build(flame)(image, arcface, torch.Generator().manual_seed(3))[0]
     static = build(flame, "test.cuda_graph=true")(image, arcface, torch.Generator().manual_seed(3))[0]
+    # the same network path, except that the eager one computes the time half of all its steps
+    # in one product up front: equal up to float rounding
     assert static.best == eager.best
-    assert torch.equal(torch.from_numpy(static.shapes), torch.from_numpy(eager.shapes))
-    assert torch.equal(torch.from_numpy(static.expression_mm), torch.from_numpy(eager.expression_mm))
+    torch.testing.assert_close(static.shapes, eager.shapes, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(static.expression_mm, eager.expression_mm, rtol=1e-5, atol=1e-4)
 
 
 def test_bfloat16_option_runs_and_stays_near_float32(flame) -> None:

@@ -86,15 +86,16 @@ class Block(nn.Module):
         self.act = nn.SiLU()
 
     def forward(
-        self, x: torch.Tensor, scale_shift: tuple[torch.Tensor, torch.Tensor] | None = None
+        self, x: torch.Tensor, gain_shift: tuple[torch.Tensor, torch.Tensor] | None = None
     ) -> torch.Tensor:
+        """x (B, dim) -> (B, dim_out); ``gain_shift`` = (scale + 1, shift), each (B, dim_out)."""
         x = pointwise(self.proj, x)  # (B, C)
         # GroupNorm with one group over a length-1 feature normalises over the C channels.
         x = F.layer_norm(x, x.shape[1:], self.norm.weight, self.norm.bias, self.norm.eps)
-        if scale_shift is not None:
-            scale, shift = scale_shift
-            x = x * (scale + 1) + shift
-        return self.act(x)
+        if gain_shift is not None:
+            gain, shift = gain_shift
+            x = torch.addcmul(shift, x, gain)  # x·(scale + 1) + shift
+        return F.silu(x)
 
 
 class ResnetBlock(nn.Module):
@@ -106,11 +107,18 @@ class ResnetBlock(nn.Module):
         self.block1 = Block(dim, dim_out)
         self.block2 = Block(dim_out, dim_out)
         self.res_conv = nn.Conv1d(dim, dim_out, 1) if dim != dim_out else nn.Identity()
+        # [1 … 1 | 0 … 0]: turns the mlp's [scale | shift] into [scale + 1 | shift]; not saved
+        self.register_buffer("gain_offset", torch.cat([torch.ones(dim_out), torch.zeros(dim_out)]), persistent=False)
+
+    def modulation(self, mlp_out: torch.Tensor) -> torch.Tensor:
+        """[scale + 1 | shift] (B, 2·dim_out) from mlp(cond) = [scale | shift]. An offset, so
+        the sampler adds it to the context half of the modulation once per run."""
+        return mlp_out + self.gain_offset
 
     def forward(self, x: torch.Tensor, modulation: torch.Tensor) -> torch.Tensor:
-        """x (B, dim), modulation = mlp(cond) (B or 1, 2·dim_out) -> (B, dim_out)."""
-        scale_shift = modulation.chunk(2, dim=1)  # 2 × (B, dim_out)
-        h = self.block2(self.block1(x, scale_shift))
+        """x (B, dim), modulation = ``self.modulation(mlp(cond))`` (B, 2·dim_out) -> (B, dim_out)."""
+        gain_shift = modulation.chunk(2, dim=1)  # 2 × (B, dim_out)
+        h = self.block2(self.block1(x, gain_shift))
         return h + (x if isinstance(self.res_conv, nn.Identity) else pointwise(self.res_conv, x))
 
 
@@ -157,8 +165,8 @@ class Attention(nn.Module):
     back by ``to_out`` (1×1 conv to dim channels) and ``to_out_linear`` (numqkv tokens -> 1).
     Both maps are linear, so they are applied in the other order: the tokens are reduced
     first, which is exact and numqkv times cheaper. The projections run as one matrix
-    product over their stacked weights; the weights stay separate parameters so the state
-    dict has one key per projection.
+    product over their stacked weights (``prepare``); the weights stay separate parameters
+    so the state dict has one key per projection.
     """
 
     def __init__(self, dim: int, numqkv: int = 16) -> None:
@@ -170,31 +178,40 @@ class Attention(nn.Module):
         )
         self.to_out = nn.Conv1d(hidden, dim, 1)
         self.to_out_linear = nn.Linear(numqkv, 1)
+        # [1/√d, 1, 1] over (q, k, v) of the stacked projection (h, 3, n, d, dim); not saved
+        self.register_buffer("q_scale", torch.tensor([ATTN_DIM_HEAD**-0.5, 1.0, 1.0]).view(3, 1, 1, 1), persistent=False)
 
-    def stacked_weight(self) -> torch.Tensor:
-        """The numqkv projections as one matrix (h·3·numqkv·d, dim), its rows ordered (head,
-        q|k|v, projection, channel) so that a product viewed as (B·h, 3, numqkv, d) holds each
-        head's q, k and v as contiguous blocks (batched matrix products without copies)."""
+    def prepare(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the attention derives from its weights alone: the stacked projection and the
+        output bias. Computed by each ``forward`` without them, or once per sampling run.
+
+        The stacked projection (h·3·n·d, dim) has its rows ordered (head, q|k|v, projection,
+        channel), so that a product viewed as (B·h, 3, n, d) holds each head's q, k and v as
+        contiguous blocks (batched matrix products without copies), and the scores' 1/√d
+        folded into its q rows. The output bias is to_out's bias carried through
+        to_out_linear plus its own."""
         n, heads, dim_head = self.numqkv, ATTN_HEADS, ATTN_DIM_HEAD
         # Channels of projection i are [q | k | v], each head-major (h d).
         per_head = [proj.weight[:, :, 0].view(3, heads, dim_head, -1).transpose(0, 1) for proj in self.to_qkv]
-        weight = torch.stack(per_head, dim=2)  # (h, 3, n, d, dim), one copy
-        return weight.view(heads * 3 * n * dim_head, -1)
+        weight = torch.stack(per_head, dim=2) * self.q_scale  # (h, 3, n, d, dim)
+        w = self.to_out_linear.weight  # (1, n)
+        bias = self.to_out.bias * w.sum() + self.to_out_linear.bias  # (dim,)
+        return weight.view(heads * 3 * n * dim_head, -1), bias
 
-    def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, dim) -> (B, dim); ``weight``: ``stacked_weight()`` computed beforehand, or None."""
+    def forward(
+        self, x: torch.Tensor, prepared: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """x (B, dim) -> (B, dim); ``prepared``: ``prepare()`` computed beforehand, or None."""
         batch = x.shape[0]
         n, heads, dim_head = self.numqkv, ATTN_HEADS, ATTN_DIM_HEAD
-        qkv = F.linear(x, self.stacked_weight() if weight is None else weight)  # (B, h·3·n·d)
-        q, k, v = qkv.view(batch * heads, 3, n, dim_head).unbind(1)  # 3 × (B·h, n, d)
-        attn = (torch.bmm(q, k.transpose(1, 2)) * dim_head**-0.5).softmax(dim=-1)  # (B·h, n, n)
+        weight, bias = self.prepare() if prepared is None else prepared
+        q, k, v = F.linear(x, weight).view(batch * heads, 3, n, dim_head).unbind(1)  # 3 × (B·h, n, d)
+        attn = torch.bmm(q, k.transpose(1, 2)).softmax(dim=-1)  # (B·h, n, n), q already scaled
         # to_out_linear first: Σ_i w_i·(attn @ v)_i = (w @ attn) @ v, one token per head.
-        w = self.to_out_linear.weight  # (1, n)
-        out = torch.bmm(torch.bmm(w.expand(batch * heads, 1, n), attn), v)  # (B·h, 1, d)
-        out = out.view(batch, heads * dim_head)  # (B, h·d), head-major as to_out expects
-        # then to_out; its bias passes through to_out_linear as bias·Σ_i w_i
-        bias = self.to_out.bias * w.sum() + self.to_out_linear.bias  # (dim,)
-        return F.linear(out, self.to_out.weight[:, :, 0], bias)  # (B, dim)
+        mixed = (attn * self.to_out_linear.weight.view(1, n, 1)).sum(dim=1)  # (B·h, n) = w @ attn
+        out = torch.bmm(mixed.unsqueeze(1), v)  # (B·h, 1, d)
+        # then to_out, head-major as it expects; its bias was carried through in `bias`
+        return F.linear(out.view(batch, heads * dim_head), self.to_out.weight[:, :, 0], bias)  # (B, dim)
 
 
 def attention_block(dim: int, numqkv: int) -> Residual:
@@ -207,6 +224,11 @@ class Resample(nn.Sequential):
 
     def __init__(self, dim_in: int, dim_out: int) -> None:
         super().__init__(nn.Linear(dim_in, dim_in), nn.SiLU(), nn.Linear(dim_in, dim_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The three layers as functions (one module call instead of four)."""
+        first, _, second = self
+        return F.linear(F.silu(F.linear(x, first.weight, first.bias)), second.weight, second.bias)
 
 
 class Denoiser(nn.Module):
@@ -300,25 +322,29 @@ class Denoiser(nn.Module):
         if t.shape != (batch,):
             raise ValueError(f"Denoiser: t must be ({batch},), got {tuple(t.shape)}")
         cond = torch.cat([self.time_mlp(t), context], dim=1)  # (B, 512 + C)
-        modulations = [block.mlp(cond) for block in self.resnet_blocks()]
-        return self.unet(x, modulations, itertools.repeat(None))  # each attention stacks its own weights
+        modulations = [block.modulation(block.mlp(cond)) for block in self.resnet_blocks()]
+        return self.unet(x, modulations, itertools.repeat(None))  # each attention prepares its own weights
 
     def sampler(
-        self, context: torch.Tensor, dtype: torch.dtype = torch.float32, compiled: bool = False
+        self,
+        context: torch.Tensor,
+        dtype: torch.dtype = torch.float32,
+        compiled: bool = False,
+        timesteps: Sequence[int] = (),
     ) -> DenoiserSampler:
         """The fast ε̂(x, t) of one sampling run with this (B, C) context (see DenoiserSampler)."""
-        return DenoiserSampler(self, context, dtype, compiled)
+        return DenoiserSampler(self, context, dtype, compiled, timesteps)
 
     def unet(
         self,
         x: torch.Tensor,
         modulations: Sequence[torch.Tensor],
-        qkv_weights: Iterable[torch.Tensor | None],
+        prepared: Iterable[tuple[torch.Tensor, torch.Tensor] | None],
     ) -> torch.Tensor:
-        """The U-Net walk: x (B, D) -> ε̂ (B, D), given each ResnetBlock's mlp(cond) and each
-        Attention's stacked projection weight (None: stack it here), in the order of
-        ``resnet_blocks()`` and ``attentions()``."""
-        modulation, qkv = iter(modulations), iter(qkv_weights)
+        """The U-Net walk: x (B, D) -> ε̂ (B, D), given each ResnetBlock's modulation
+        (``ResnetBlock.modulation``) and each Attention's ``prepare()`` (None: prepared
+        there), in the order of ``resnet_blocks()`` and ``attentions()``."""
+        modulation, qkv = iter(modulations), iter(prepared)
         x = pointwise(self.init_conv, x)  # (B, D)
         r = x
         skips = []
@@ -364,36 +390,63 @@ class DenoiserSampler:
     """ε̂(x, t) of one sampling run, the context fixed: the Denoiser's fast inference path.
 
     Equal to ``net(x, t, context)`` (up to float rounding) when all rows share one step t, as
-    in sampling. Built once per run from the network's own weights, it holds the stacked
-    attention projections and the context half of every ResnetBlock modulation:
-    mlp([τ, c]) = W_τ·SiLU(τ) + W_c·SiLU(c) + b (SiLU is elementwise), so W_c·SiLU(c) + b is
-    computed here, and W_τ·SiLU(τ) once per step for all rows. With ``dtype`` bfloat16 the
-    network runs under autocast with the projections stored in that dtype; ε̂ is float32.
-    With ``compiled`` each call runs ``eps`` as compiled by torch.compile (``compiled_eps``).
+    in sampling. Built once per run from the network's own weights, it holds every
+    Attention's ``prepare()`` and the context half of every ResnetBlock modulation:
+    mlp([τ, c]) = W_τ·SiLU(τ) + W_c·SiLU(c) + b (SiLU is elementwise), so W_c·SiLU(c) + b
+    (with the modulation's offset) is computed here, and W_τ·SiLU(τ) once per step for all
+    rows. With ``dtype`` bfloat16 the network runs under autocast with the projections
+    stored in that dtype; ε̂ is float32. With ``compiled`` each call runs ``eps`` as compiled
+    by torch.compile (``compiled_eps``). Given the run's ``timesteps`` (the steps the sampler
+    will call it at; eager path only), the time half of those steps is computed here too, in
+    one product, and calls at other steps are refused.
     """
 
     def __init__(
-        self, net: Denoiser, context: torch.Tensor, dtype: torch.dtype = torch.float32, compiled: bool = False
+        self,
+        net: Denoiser,
+        context: torch.Tensor,
+        dtype: torch.dtype = torch.float32,
+        compiled: bool = False,
+        timesteps: Sequence[int] = (),
     ) -> None:
+        if compiled and timesteps:
+            raise ValueError("DenoiserSampler: timesteps are prepared for the eager path only, not with compiled")
         self.net, self.dtype, self.compiled = net, dtype, compiled
-        linears = [block.mlp[1] for block in net.resnet_blocks()]
+        blocks = net.resnet_blocks()
+        linears = [block.mlp[1] for block in blocks]
         self.sizes = [linear.out_features for linear in linears]
-        weight = torch.cat([linear.weight for linear in linears])  # (S, 512 + C)
-        bias = torch.cat([linear.bias for linear in linears])  # (S,)
         with torch.no_grad():
-            self.time_weight = weight[:, :TIME_DIM].to(dtype)  # (S, 512)
-            self.context_part = F.linear(F.silu(context), weight[:, TIME_DIM:], bias)  # (B, S)
-            self.qkv_weights = [attn.stacked_weight().to(dtype) for attn in net.attentions()]
+            # each mlp weight is (2·dim_out, 512 + C): its time columns, then its context columns
+            self.time_weight = torch.cat([linear.weight[:, :TIME_DIM] for linear in linears]).to(dtype)  # (S, 512)
+            context_weight = torch.cat([linear.weight[:, TIME_DIM:] for linear in linears])  # (S, C), freed below
+            bias = torch.cat([block.modulation(linear.bias) for block, linear in zip(blocks, linears)])  # (S,)
+            self.context_part = F.linear(F.silu(context), context_weight, bias)  # (B, S)
+            del context_weight
+            self.attentions = [(weight.to(dtype), bias) for weight, bias in (a.prepare() for a in net.attentions())]
+            steps = sorted(set(timesteps))
+            with self.autocast(context.device):
+                table = self.time_part(torch.tensor(steps, dtype=torch.long, device=context.device))  # (K, S)
+        self.time_parts = {t: table[i : i + 1] for i, t in enumerate(steps)}  # step -> (1, S)
+        if self.time_parts:  # prepared for its steps: the time weights are no longer needed
+            self.time_weight = None
 
-    def eps(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """x (B, D), t (1,) the step of every row -> ε̂ (B, D) float32. No host sync, no
-        Python branch on values: capturable as a CUDA graph."""
-        with torch.no_grad(), torch.autocast(
-            x.device.type, self.dtype, enabled=self.dtype != torch.float32, cache_enabled=False
-        ):
-            time = F.silu(self.net.time_mlp(t))  # (1, 512), shared by all rows
-            modulation = self.context_part + F.linear(time, self.time_weight)  # (B, S)
-            out = self.net.unet(x, modulation.split(self.sizes, dim=1), self.qkv_weights)
+    def autocast(self, device: torch.device) -> torch.autocast:
+        """Autocast to the sampler's dtype (off for float32)."""
+        return torch.autocast(device.type, self.dtype, enabled=self.dtype != torch.float32, cache_enabled=False)
+
+    def time_part(self, t: torch.Tensor) -> torch.Tensor:
+        """The time half of the modulation, W_τ·SiLU(τ(t)): t (K,) steps -> (K, S)."""
+        return F.linear(F.silu(self.net.time_mlp(t)), self.time_weight)
+
+    def eps(self, x: torch.Tensor, t: torch.Tensor, time_part: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, D), t (1,) the step of every row -> ε̂ (B, D) float32; ``time_part``: that
+        step's ``time_part`` (1, S) if computed beforehand. No host sync, no Python branch on
+        values: capturable as a CUDA graph."""
+        with torch.no_grad(), self.autocast(x.device):
+            if time_part is None:
+                time_part = self.time_part(t)  # (1, S), shared by all rows
+            modulation = self.context_part + time_part  # (B, S)
+            out = self.net.unet(x, modulation.split(self.sizes, dim=1), self.attentions)
         return out.float()
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -403,10 +456,19 @@ class DenoiserSampler:
                 f"DenoiserSampler: x {tuple(x.shape)} and t {tuple(t.shape)} must have "
                 f"{self.context_part.shape[0]} rows (the context's)"
             )
-        return self.step(x, step_time(t))
+        step = step_time(t)
+        if not self.time_parts:
+            return self.step(x, step)
+        if int(step) not in self.time_parts:
+            raise ValueError(
+                f"DenoiserSampler: prepared for steps {min(self.time_parts)}…{max(self.time_parts)} "
+                f"({len(self.time_parts)} steps), called at step {int(step)}"
+            )
+        return self.eps(x, step, self.time_parts[int(step)])
 
     def step(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """``eps`` (x (B, D), t (1,)), compiled when the sampler was built with ``compiled``."""
+        """``eps`` (x (B, D), t (1,)), compiled when the sampler was built with ``compiled``
+        (a sampler built without ``timesteps``)."""
         return (compiled_eps() if self.compiled else DenoiserSampler.eps)(self, x, t)
 
 

@@ -108,6 +108,16 @@ def _visits(sampler: str, num_steps: int, steps: int | None) -> list[tuple[int, 
     return [(t, t - 1) for t in legacy_timesteps(num_steps)]
 
 
+def network_steps(sampler: str, schedule: NoiseSchedule, steps: int | None = None) -> list[int]:
+    """The steps t at which ``sample`` calls the network, in calling order (for
+    ``Denoiser.sampler`` to prepare them)."""
+    if sampler in SOLVERS:
+        return solver_scheduler(sampler, schedule, steps, schedule.betas.device).timesteps.tolist()
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sample: sampler must be one of {SAMPLERS}, got {sampler!r}")
+    return [t for t, _ in _visits(sampler, schedule.num_steps, steps)]
+
+
 def _predict_noise(eps_fn: EpsFn, x: torch.Tensor, t: int) -> torch.Tensor:
     """ε̂ = eps_fn(x, t) for every row of x at the one step t, shape-checked."""
     eps = eps_fn(x, torch.full((x.shape[0],), t, dtype=torch.long, device=x.device))

@@ -15,6 +15,7 @@ from torch import nn
 from ofer.config import Config
 from ofer.diffusion import Denoiser, NoiseSchedule, diffusion_loss, sample
 from ofer.diffusion.denoiser import StaticEps
+from ofer.diffusion.samplers import network_steps
 from ofer.diffusion.noise import Generators
 from ofer.encoders import build_arcface, build_farl
 from ofer.models.idrank import IdRankNet
@@ -111,7 +112,9 @@ class DiffusionStage(ImageContext):
         """
         b = context.shape[0]
         ctx = context.repeat_interleave(num_samples, dim=0)  # (B*N, C), samples of one image adjacent
-        eps_fn = self.net.sampler(ctx, dtype, compiled)
+        # the eager path computes the time half of every step it will visit up front
+        timesteps = () if cuda_graph or compiled else network_steps(sampler, self.var_sched, steps)
+        eps_fn = self.net.sampler(ctx, dtype, compiled, timesteps)
         if cuda_graph:
             eps_fn = StaticEps(eps_fn.step, (b * num_samples, self.flame_dim), context.device, cuda_graph=True)
         x = sample(
