@@ -132,8 +132,8 @@ def test_resnet_block_matches_convolution_form() -> None:
             norm.bias.normal_()
     x, cond = torch.randn(5, 6), torch.randn(5, 10)
     scale, shift = block.mlp(cond)[:, :, None].chunk(2, dim=1)  # (B, 4, 1) each
-    h = block.block1.act(block.block1.norm(block.block1.proj(x[:, :, None])) * (scale + 1) + shift)
-    h = block.block2.act(block.block2.norm(block.block2.proj(h)))
+    h = torch.nn.functional.silu(block.block1.norm(block.block1.proj(x[:, :, None])) * (scale + 1) + shift)
+    h = torch.nn.functional.silu(block.block2.norm(block.block2.proj(h)))
     expected = (h + block.res_conv(x[:, :, None]))[:, :, 0]
     torch.testing.assert_close(block(x, block.modulation(block.mlp(cond))), expected, rtol=1e-5, atol=1e-6)
 

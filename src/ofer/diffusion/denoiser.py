@@ -83,7 +83,6 @@ class Block(nn.Module):
         super().__init__()
         self.proj = nn.Conv1d(dim, dim_out, 1)
         self.norm = nn.GroupNorm(1, dim_out)
-        self.act = nn.SiLU()
 
     def forward(
         self, x: torch.Tensor, gain_shift: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -422,7 +421,7 @@ class DenoiserSampler:
             bias = torch.cat([block.modulation(linear.bias) for block, linear in zip(blocks, linears)])  # (S,)
             self.context_part = F.linear(F.silu(context), context_weight, bias)  # (B, S)
             del context_weight
-            self.attentions = [(weight.to(dtype), bias) for weight, bias in (a.prepare() for a in net.attentions())]
+            self.attentions = [(stacked.to(dtype), out_bias) for stacked, out_bias in (a.prepare() for a in net.attentions())]
             steps = sorted(set(timesteps))
             with self.autocast(context.device):
                 table = self.time_part(torch.tensor(steps, dtype=torch.long, device=context.device))  # (K, S)
