@@ -244,6 +244,8 @@ def test_network_steps_are_the_steps_sampling_calls(sampler: str) -> None:
         return fast(x, t)
 
     plain = sample(recording, schedule, (4, 12), sampler, steps, generator=torch.Generator().manual_seed(2))
+    with pytest.raises(ValueError, match="sampler must be one of"):
+        network_steps("euler", schedule)
     planned_steps = network_steps(sampler, schedule, steps)
     assert planned_steps == called
     planned = model.sampler(context, timesteps=planned_steps)

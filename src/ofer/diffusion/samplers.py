@@ -108,13 +108,17 @@ def _visits(sampler: str, num_steps: int, steps: int | None) -> list[tuple[int, 
     return [(t, t - 1) for t in legacy_timesteps(num_steps)]
 
 
+def _check_sampler(sampler: str) -> None:
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sample: sampler must be one of {SAMPLERS}, got {sampler!r}")
+
+
 def network_steps(sampler: str, schedule: NoiseSchedule, steps: int | None = None) -> list[int]:
     """The steps t at which ``sample`` calls the network, in calling order (for
     ``Denoiser.sampler`` to prepare them)."""
+    _check_sampler(sampler)
     if sampler in SOLVERS:
         return solver_scheduler(sampler, schedule, steps, schedule.betas.device).timesteps.tolist()
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sample: sampler must be one of {SAMPLERS}, got {sampler!r}")
     return [t for t, _ in _visits(sampler, schedule.num_steps, steps)]
 
 
@@ -165,8 +169,7 @@ def sample(
     Returns:
         Samples of ``shape`` (float32).
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sample: sampler must be one of {SAMPLERS}, got {sampler!r}")
+    _check_sampler(sampler)
     if sampler in ("ddpm", "ddim_legacy") and steps is not None:
         raise ValueError(f"sample: steps apply to 'ddim' and {SOLVERS}, not {sampler!r}")
     if sampler != "ddim" and eta != 0.0:
