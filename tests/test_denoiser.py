@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from ofer.diffusion import Denoiser, NoiseSchedule, diffusion_loss, sample
-from ofer.diffusion.samplers import network_steps
 from ofer.diffusion.denoiser import (
     Attention,
     ResnetBlock,
@@ -21,6 +20,7 @@ from ofer.diffusion.denoiser import (
     is_projection_key,
     original_state_dict_keys,
 )
+from ofer.diffusion.samplers import network_steps
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LAYOUT_FILE = REPO_ROOT / "tests" / "data" / "ofer_state_dict_layout.txt"

@@ -15,8 +15,8 @@ from torch import nn
 from ofer.config import Config
 from ofer.diffusion import Denoiser, NoiseSchedule, diffusion_loss, sample
 from ofer.diffusion.denoiser import StaticEps
-from ofer.diffusion.samplers import network_steps
 from ofer.diffusion.noise import Generators
+from ofer.diffusion.samplers import network_steps
 from ofer.encoders import build_arcface, build_farl
 from ofer.models.idrank import IdRankNet
 
