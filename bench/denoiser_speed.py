@@ -2,8 +2,9 @@
 
 For IdGen Denoiser(300, 512, [300, 50, 10]) and ExpGen Denoiser(53, 1024, [53, 25, 10]) at
 batch 100 it times, interleaved and best of ``--repeats``:
-  - a call inside sampling: today's fast path (``Denoiser.sampler(context)``, built once per
-    run as in sampling) against the old ``forward`` under no_grad;
+  - a call inside sampling: today's fast path (``Denoiser.sampler(context, timesteps=[t])``,
+    built once per run with the run's steps prepared, as in sampling) against the old
+    ``forward`` under no_grad;
   - a training step: forward + backward of a mean-square loss, both in train mode;
 and prints the ratios (old time / new time) and the largest |difference| of the outputs and
 of the gradients. The old denoiser is loaded from the old checkout's
@@ -94,7 +95,7 @@ def compare(name: str, sizes: tuple, old_module, args: argparse.Namespace) -> No
 
     new.eval(), old.eval()
     with torch.no_grad():
-        fast = new.sampler(context)  # once per sampling run
+        fast = new.sampler(context, timesteps=t[:1].tolist())  # once per sampling run
         times = best_times({"old": lambda: old(x, t, context), "new": lambda: fast(x, t)}, args.repeats, args.calls)
         diff = (fast(x, t) - old(x, t, context)).abs().max().item()
     print(f"| {name} | sampling (fast path) | {1e3 * times['old']:.2f} | {1e3 * times['new']:.2f} | "

@@ -19,6 +19,7 @@ and their ratio are printed.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import resource
@@ -86,11 +87,16 @@ def time_call(fn, device: torch.device, repeats: int = 5) -> float:
     return best
 
 
-def network_call(net: torch.nn.Module, context: torch.Tensor, dtype: torch.dtype, compiled: bool = False):
-    """One ε̂ call as sampling makes it: the fast path where the code has one, else forward."""
-    if hasattr(net, "sampler"):
-        return net.sampler(context, dtype, compiled) if compiled else net.sampler(context, dtype)
-    return lambda x, t: net(x, t, context)
+def network_call(net: torch.nn.Module, context: torch.Tensor, dtype: torch.dtype, step: int, compiled: bool = False):
+    """One ε̂ call at ``step`` as sampling makes it: the fast path where the code has one (with
+    the run's steps prepared where it takes them, as the eager path of sampling does), else forward."""
+    if not hasattr(net, "sampler"):
+        return lambda x, t: net(x, t, context)
+    if compiled:
+        return net.sampler(context, dtype, compiled)
+    if "timesteps" in inspect.signature(net.sampler).parameters:
+        return net.sampler(context, dtype, timesteps=[step])
+    return net.sampler(context, dtype)
 
 
 def compare(args: argparse.Namespace) -> None:
@@ -150,7 +156,7 @@ def main() -> None:
         calls = {}
         for name, net, rows in (("IdGen", pipe.idgen.net, b * args.num_shapes),
                                 ("ExpGen", pipe.expgen.net, b * args.num_expressions)):
-            eps = network_call(net, torch.randn(rows, net.context_dim, device=device), dtype, args.compile)
+            eps = network_call(net, torch.randn(rows, net.context_dim, device=device), dtype, 500, args.compile)
             x, t = torch.randn(rows, net.flame_dim, device=device), torch.full((rows,), 500, device=device)
             calls[name] = time_call(lambda eps=eps, x=x, t=t: eps(x, t), device)
     print(f"one IdGen call (batch {b * args.num_shapes}): {1000 * calls['IdGen']:.1f} ms; "
