@@ -19,6 +19,8 @@ from ofer.diffusion.denoiser import (
     StaticEps,
     is_projection_key,
     original_state_dict_keys,
+    pack_projection,
+    project,
 )
 from ofer.diffusion.samplers import network_steps
 
@@ -120,6 +122,19 @@ def test_stacked_projections_match_per_projection_loop() -> None:
     assert expected.shape == (5, 7, 1)
     torch.testing.assert_close(attn(x[:, :, 0]), expected[:, :, 0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(attn(x[:, :, 0], attn.prepare()), expected[:, :, 0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 100])
+def test_packed_projection_equals_linear_at_any_batch(rows: int) -> None:
+    """The sampler packs each stacked projection for one batch size (oneDNN on a float32 CPU);
+    the product is F.linear's at that and other batch sizes. Where packing does not apply
+    (another dtype) the weight comes back unchanged."""
+    torch.manual_seed(2)
+    weight, x = torch.randn(6144, 53), torch.randn(rows, 53)
+    packed = pack_projection(weight, batch=100)
+    assert packed.is_mkldnn == torch.backends.mkldnn.is_available()
+    torch.testing.assert_close(project(x, packed), torch.nn.functional.linear(x, weight), rtol=1e-5, atol=1e-5)
+    assert pack_projection(weight.double(), batch=100).is_mkldnn is False
 
 
 def test_resnet_block_matches_convolution_form() -> None:
