@@ -99,7 +99,7 @@ def project(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def pointwise(conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
     """A 1×1 convolution applied to length-1 features as a matrix product: (B, C_in) -> (B, C_out)."""
-    return F.linear(x, conv.weight[:, :, 0], conv.bias)
+    return F.linear(x, conv.weight.squeeze(2), conv.bias)  # a view: no copy in backward
 
 
 class Block(nn.Module):
@@ -156,7 +156,7 @@ class RMSNorm(nn.Module):
         self.scale = dim**0.5
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(x, dim=1) * (self.g[:, :, 0] * self.scale)
+        return F.normalize(x, dim=1) * (self.g.squeeze(2) * self.scale)
 
 
 class PreNorm(nn.Module):
@@ -203,8 +203,6 @@ class Attention(nn.Module):
         )
         self.to_out = nn.Conv1d(hidden, dim, 1)
         self.to_out_linear = nn.Linear(numqkv, 1)
-        # [1/√d, 1, 1] over (q, k, v) of the stacked projection (h, 3, n, d, dim); not saved
-        self.register_buffer("q_scale", torch.tensor([ATTN_DIM_HEAD**-0.5, 1.0, 1.0]).view(3, 1, 1, 1), persistent=False)
 
     def prepare(self) -> tuple[torch.Tensor, torch.Tensor]:
         """What the attention derives from its weights alone: the stacked projection and the
@@ -212,13 +210,12 @@ class Attention(nn.Module):
 
         The stacked projection (h·3·n·d, dim) has its rows ordered (head, q|k|v, projection,
         channel), so that a product viewed as (B·h, 3, n, d) holds each head's q, k and v as
-        contiguous blocks (batched matrix products without copies), and the scores' 1/√d
-        folded into its q rows. The output bias is to_out's bias carried through
-        to_out_linear plus its own."""
+        contiguous blocks (batched matrix products without copies). The output bias is to_out's
+        bias carried through to_out_linear plus its own."""
         n, heads, dim_head = self.numqkv, ATTN_HEADS, ATTN_DIM_HEAD
         # Channels of projection i are [q | k | v], each head-major (h d).
-        per_head = [proj.weight[:, :, 0].view(3, heads, dim_head, -1).transpose(0, 1) for proj in self.to_qkv]
-        weight = torch.stack(per_head, dim=2) * self.q_scale  # (h, 3, n, d, dim)
+        per_head = [proj.weight.view(3, heads, dim_head, -1).transpose(0, 1) for proj in self.to_qkv]
+        weight = torch.stack(per_head, dim=2)  # (h, 3, n, d, dim)
         w = self.to_out_linear.weight  # (1, n)
         bias = self.to_out.bias * w.sum() + self.to_out_linear.bias  # (dim,)
         return weight.view(heads * 3 * n * dim_head, -1), bias
@@ -232,13 +229,15 @@ class Attention(nn.Module):
         weight, bias = self.prepare() if prepared is None else prepared
         q, k, v = project(x, weight).view(batch * heads, 3, n, dim_head).unbind(1)  # 3 × (B·h, n, d)
         # Transposed scores, keys along dim 1 (softmax over a non-last dim is the faster kernel
-        # for 16 keys): attn_t[j, i] = softmax over j of q_i·k_j, q already scaled.
-        attn_t = torch.bmm(k, q.transpose(1, 2)).softmax(dim=1)  # (B·h, n_k, n_q)
+        # for 16 keys): attn_t[j, i] = softmax over j of q_i·k_j/√d, the scale applied inside
+        # the product (alpha; beta=0 ignores the zero it is given as input).
+        scores_t = torch.baddbmm(k.new_zeros(()), k, q.transpose(1, 2), beta=0, alpha=dim_head**-0.5)
+        attn_t = scores_t.softmax(dim=1)  # (B·h, n_k, n_q)
         # to_out_linear first: Σ_i w_i·(attn @ v)_i = (w @ attn) @ v, one token per head.
         mixed = torch.matmul(attn_t, self.to_out_linear.weight.view(n))  # (B·h, n_k) = w @ attn
         out = torch.bmm(mixed.unsqueeze(1), v)  # (B·h, 1, d)
         # then to_out, head-major as it expects; its bias was carried through in `bias`
-        return F.linear(out.view(batch, heads * dim_head), self.to_out.weight[:, :, 0], bias)  # (B, dim)
+        return F.linear(out.view(batch, heads * dim_head), self.to_out.weight.squeeze(2), bias)  # (B, dim)
 
 
 def attention_block(dim: int, numqkv: int) -> Residual:
