@@ -78,8 +78,8 @@ def pack_projection(weight: torch.Tensor, batch: int) -> torch.Tensor:
     PyTorch build without it).
 
     At the projections' shapes (batch 100 rows, 6144 outputs, 10-300 inputs) oneDNN's product
-    on a packed weight takes 0.4-0.7 of the time of F.linear's (MKL) on the 2-core CPU
-    (``bench/denoiser_speed.py``). ``torch.ops.mkldnn`` is what inductor lowers CPU linears
+    on a packed weight is faster than F.linear's (MKL) on the 2-core CPU
+    (``bench/projection_speed.py``). ``torch.ops.mkldnn`` is what inductor lowers CPU linears
     to; it has no autograd, so only the sampler uses it.
     """
     if weight.device.type != "cpu" or weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
