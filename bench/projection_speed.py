@@ -54,8 +54,8 @@ def main() -> None:
         packed = pack_projection(weight, args.batch)
         if not packed.is_mkldnn:
             raise SystemExit("oneDNN packing is not available in this PyTorch build (or not on this CPU)")
-        times = best_us({"linear": lambda: F.linear(x, weight), "packed": lambda: project(x, packed)},
-                        args.repeats, args.calls)
+        kernels = {"linear": lambda x=x, w=weight: F.linear(x, w), "packed": lambda x=x, w=packed: project(x, w)}
+        times = best_us(kernels, args.repeats, args.calls)
         diff = (project(x, packed) - F.linear(x, weight)).abs().max().item()
         print(f"| {dim} | {times['linear']:.0f} | {times['packed']:.0f} | "
               f"{times['packed'] / times['linear']:.2f} | {diff:.1e} |")
