@@ -14,14 +14,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ofer.encoders.normalise import ARCFACE_SIZE, FARL_SIZE
-from ofer.io import InputError, atomic_write, read_image, save_npy, write_image
+from ofer.io import InputError, OutputFolderError, atomic_write, check_output_folder, read_image, save_npy, write_image
 from ofer.preprocess.crops import PreparedFace, inside_fraction, prepare_face
 from ofer.preprocess.detectors import DEFAULT_DETECTOR, Detector, make_detector, pick_face
 from ofer.preprocess.keypoint_files import KeypointEntry, load_keypoints, lookup_keypoints
@@ -81,16 +80,6 @@ def check_face_in_photo(face: PreparedFace, image_shape: tuple[int, ...]) -> Non
                 f"the {label} crop lies {100 * (1 - inside):.0f}% outside the {width}×{height} photo "
                 f"(at most {100 * (1 - MIN_INSIDE_FRACTION):.0f}% allowed): face box or keypoints are off the photo"
             )
-
-
-def check_output_folder(out_dir: Path) -> None:
-    """Create `out_dir` and check that it can be written, before any work."""
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out_dir):
-            pass
-    except OSError as err:
-        raise InputError(f"{out_dir}: output folder cannot be created or written ({err})") from err
 
 
 def _find_face(
@@ -197,7 +186,10 @@ def run(
         detector = DEFAULT_DETECTOR if detector is None else detector
         found_by = detector if isinstance(detector, str) else getattr(detector, "name", type(detector).__name__)
         face_finder = make_detector(detector, min_score=min_score) if isinstance(detector, str) else detector
-    check_output_folder(out_dir)
+    try:
+        check_output_folder(out_dir)
+    except OutputFolderError as err:  # a bad argument of run(), reported as the others are
+        raise InputError(str(err)) from err
 
     report = {"input": str(input_path), "detector": found_by, "processed": [], "failed": [],
               "interrupted": True, "not_attempted": len(images)}
