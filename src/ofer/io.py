@@ -25,6 +25,19 @@ class InputError(ValueError):
     """A user-provided file is missing, unreadable or has the wrong content."""
 
 
+def failure_reason(err: Exception, context: str | None = None) -> str:
+    """Why one item of a run failed, as its report records it.
+
+    An InputError is told as it is: its message already names the file. Any other exception
+    (a library's, a bug) gets its type, and `context` in front when given, to say which file
+    and which step, since its message may name neither.
+    """
+    if isinstance(err, InputError):
+        return str(err)
+    described = f"{type(err).__name__}: {err}"
+    return described if context is None else f"{context}: {described}"
+
+
 class WriteError(OSError):
     """An output file could not be written (disk full, no permission); the old file is kept."""
 

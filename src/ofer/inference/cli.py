@@ -46,7 +46,7 @@ from ofer.inference.outfolder import OutputLock, lock_holder
 from ofer.inference.pipeline import OferPipeline, Reconstruction, load_inputs
 from ofer.inference.ranks import Ranks
 from ofer.inference.summary import RankReport, RunPlan, remove_reports, run_settings, write_summary
-from ofer.io import InputError, OutputFolderError, check_output_folder
+from ofer.io import InputError, OutputFolderError, check_output_folder, failure_reason
 from ofer.progress import progress
 
 log = logging.getLogger("ofer.test")
@@ -287,8 +287,8 @@ def reconstruct_batch(pipeline: OferPipeline, items: list[tuple[str, Path]], cfg
 
 
 def failure(name: str, context: str, err: Exception) -> str:
-    """The reason an image failed, naming the file: our InputErrors already do, others get `context`."""
-    reason = str(err) if isinstance(err, InputError) else f"{context}: {type(err).__name__}: {err}"
+    """The reason an image failed (`failure_reason`, `context` naming the file), logged; the traceback at debug."""
+    reason = failure_reason(err, context)
     log.error("%s failed: %s", name, reason)
     log.debug("traceback of %s", name, exc_info=err)
     return reason

@@ -20,7 +20,16 @@ import numpy as np
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ofer.encoders.normalise import ARCFACE_SIZE, FARL_SIZE
-from ofer.io import InputError, OutputFolderError, atomic_write, check_output_folder, read_image, save_npy, write_image
+from ofer.io import (
+    InputError,
+    OutputFolderError,
+    atomic_write,
+    check_output_folder,
+    failure_reason,
+    read_image,
+    save_npy,
+    write_image,
+)
 from ofer.preprocess.crops import PreparedFace, inside_fraction, prepare_face
 from ofer.preprocess.detectors import DEFAULT_DETECTOR, Detector, make_detector, pick_face
 from ofer.preprocess.keypoint_files import KeypointEntry, load_keypoints, lookup_keypoints
@@ -128,11 +137,6 @@ def process_image(
     return entry
 
 
-def _describe(err: Exception) -> str:
-    """The reason recorded for a failed image: our messages as they are, others with their type."""
-    return str(err) if isinstance(err, InputError) else f"{type(err).__name__}: {err}"
-
-
 def _remove_outputs(out_dir: Path, name: str) -> None:
     for suffix in (".jpg", ".npy"):
         (out_dir / f"{name}{suffix}").unlink(missing_ok=True)
@@ -207,8 +211,9 @@ def run(
                         _remove_outputs(out_dir, name)
                     if not isinstance(err, Exception):  # Ctrl-C, SystemExit: stop (the report follows)
                         raise
-                    logger.warning("skipped %s: %s", image_path, _describe(err))
-                    report["failed"].append({"image": str(image_path), "reason": _describe(err)})
+                    reason = failure_reason(err)  # the report's entry names the image
+                    logger.warning("skipped %s: %s", image_path, reason)
+                    report["failed"].append({"image": str(image_path), "reason": reason})
                 else:
                     report["processed"].append(entry)
                     used_names[name] = str(image_path)
