@@ -36,9 +36,13 @@ def test_front_indices_must_fit_the_flame_model(tmp_path):
         "nan.npy": (np.array([np.nan, 2.0]), "nan.npy: vertex indices must be whole numbers"),
         "empty.npy": (np.array([], dtype=np.int64), "empty.npy: no front-face vertex indices"),
         "text.npy": (np.array(["1", "2"]), "text.npy: expected a numeric array"),
+        "mask.npy": (np.array([True, False]), "mask.npy: expected integer vertex indices, found dtype bool"),
+        "table.npy": (np.zeros((3, 2), dtype=np.int64), r"table.npy: expected an array of shape \(\*\)"),
+        "missing.npy": (None, "missing.npy: file not found"),
     }
     for name, (array, message) in cases.items():
-        np.save(tmp_path / name, array)
+        if array is not None:
+            np.save(tmp_path / name, array)
         with pytest.raises(InputError, match=message):
             load_front_indices(tmp_path / name, num_vertices=10)
 

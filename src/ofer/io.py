@@ -1,4 +1,4 @@
-"""File input/output in one place: atomic writes, images, meshes and arrays.
+"""File input/output in one place: output folders, atomic writes, images, meshes and arrays.
 
 Every output of the project goes through `atomic_write` so that an interrupted run never
 leaves a half-written file that a later run would mistake for a finished one.
@@ -25,8 +25,48 @@ class InputError(ValueError):
     """A user-provided file is missing, unreadable or has the wrong content."""
 
 
+def failure_reason(err: Exception, context: str | None = None) -> str:
+    """Why one item of a run failed, as its report records it.
+
+    An InputError is told as it is: its message already names the file. Any other exception
+    (a library's, a bug) gets its type, and `context` in front when given, to say which file
+    and which step, since its message may name neither.
+    """
+    if isinstance(err, InputError):
+        return str(err)
+    described = f"{type(err).__name__}: {err}"
+    return described if context is None else f"{context}: {described}"
+
+
 class WriteError(OSError):
     """An output file could not be written (disk full, no permission); the old file is kept."""
+
+
+class OutputFolderError(OSError):
+    """An output folder cannot be used: not a folder, not writable, or (test.py) in use by another run."""
+
+
+def check_output_folder(out: str | os.PathLike) -> None:
+    """Create `out` if needed and prove a file can be written in it; raise OutputFolderError saying why.
+
+    Run before any work, so that a bad output folder stops a run at once rather than at its first write.
+    """
+    out = Path(out)
+    for parent in (out, *out.parents):
+        if parent.exists() and not parent.is_dir():
+            raise OutputFolderError(f"output folder {out}: {parent} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputFolderError(f"output folder {out} cannot be created: {err.strerror or err}") from err
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise OutputFolderError(f"output folder {out} is not writable (permissions)")
+    try:  # catches what os.access cannot see: a read-only file system, a full disk
+        fd, probe = tempfile.mkstemp(dir=out, prefix=".write-test.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise OutputFolderError(f"output folder {out} is not writable: {err.strerror or err}") from err
 
 
 _TEMP_RANDOM = "[a-z0-9_]" * 8  # the random part of a `tempfile.mkstemp` name

@@ -13,8 +13,8 @@ with it (a bad file, NaN from the networks, an error while writing) fails that i
 with the reason in `summary.json`, and the run goes on. Finished images are skipped on a
 re-run unless `--overwrite`. Under torchrun the list is split over the ranks
 (`ofer.inference.ranks`); the output folder is checked and locked before any work
-(`ofer.inference.outfolder`); `summary.json` is written however the run ends
-(`ofer.inference.summary`).
+(`ofer.io.check_output_folder`, `ofer.inference.outfolder`); `summary.json` is written
+however the run ends (`ofer.inference.summary`).
 
 Exit codes: 0 every listed image has outputs from this run or an earlier one; 1 some images
 failed; 2 bad config, list, assets or output folder (nothing reconstructed); 130 interrupted
@@ -42,11 +42,11 @@ import torch
 from ofer.config import Config, ConfigError, load_config
 from ofer.diffusion.samplers import SAMPLERS
 from ofer.inference.export import done_marker, write_outputs
-from ofer.inference.outfolder import OutputFolderError, OutputLock, check_writable, lock_holder
+from ofer.inference.outfolder import OutputLock, lock_holder
 from ofer.inference.pipeline import OferPipeline, Reconstruction, load_inputs
 from ofer.inference.ranks import Ranks
 from ofer.inference.summary import RankReport, RunPlan, remove_reports, run_settings, write_summary
-from ofer.io import InputError
+from ofer.io import InputError, OutputFolderError, check_output_folder, failure_reason
 from ofer.progress import progress
 
 log = logging.getLogger("ofer.test")
@@ -190,7 +190,7 @@ def start_run(out: Path, entries: list[tuple[str, Path]], overwrite: bool, lock:
     plan: RunPlan | str | None = None  # rank 0 decides
     if ranks.rank == 0:
         try:
-            check_writable(out)
+            check_output_folder(out)
             lock.acquire()
             remove_reports(out)
             finished = [] if overwrite else [n for n, _ in entries if done_marker(out, n).is_file()]
@@ -287,8 +287,8 @@ def reconstruct_batch(pipeline: OferPipeline, items: list[tuple[str, Path]], cfg
 
 
 def failure(name: str, context: str, err: Exception) -> str:
-    """The reason an image failed, naming the file: our InputErrors already do, others get `context`."""
-    reason = str(err) if isinstance(err, InputError) else f"{context}: {type(err).__name__}: {err}"
+    """The reason an image failed (`failure_reason`, `context` naming the file), logged; the traceback at debug."""
+    reason = failure_reason(err, context)
     log.error("%s failed: %s", name, reason)
     log.debug("traceback of %s", name, exc_info=err)
     return reason

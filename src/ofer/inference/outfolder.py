@@ -1,4 +1,4 @@
-"""The output folder of test.py: checked writable before any work, and locked for one run.
+"""The output folder of test.py: locked for one run (after `ofer.io.check_output_folder`).
 
 Two runs writing into one folder would mix their files and summaries, so a run holds
 `<out>/.test.lock` (its pid, host and start time) until it ends. The lock is created with
@@ -17,31 +17,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from ofer.io import OutputFolderError
+
 log = logging.getLogger(__name__)
 LOCK_NAME = ".test.lock"
-
-
-class OutputFolderError(OSError):
-    """The output folder cannot be used: not writable, not a folder, or in use by another run."""
-
-
-def check_writable(out: Path) -> None:
-    """Create `out` if needed and prove a file can be written in it; raise OutputFolderError saying why."""
-    for parent in (out, *out.parents):
-        if parent.exists() and not parent.is_dir():
-            raise OutputFolderError(f"output folder {out}: {parent} is a file, not a folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise OutputFolderError(f"output folder {out} cannot be created: {err.strerror or err}") from err
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise OutputFolderError(f"output folder {out} is not writable (permissions)")
-    try:  # catches what os.access cannot see: a read-only file system, a full disk
-        fd, probe = tempfile.mkstemp(dir=out, prefix=".write-test.")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as err:
-        raise OutputFolderError(f"output folder {out} is not writable: {err.strerror or err}") from err
 
 
 def lock_holder(lock: Path) -> dict | None:

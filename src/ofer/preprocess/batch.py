@@ -14,14 +14,22 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ofer.encoders.normalise import ARCFACE_SIZE, FARL_SIZE
-from ofer.io import InputError, atomic_write, read_image, save_npy, write_image
+from ofer.io import (
+    InputError,
+    OutputFolderError,
+    atomic_write,
+    check_output_folder,
+    failure_reason,
+    read_image,
+    save_npy,
+    write_image,
+)
 from ofer.preprocess.crops import PreparedFace, inside_fraction, prepare_face
 from ofer.preprocess.detectors import DEFAULT_DETECTOR, Detector, make_detector, pick_face
 from ofer.preprocess.keypoint_files import KeypointEntry, load_keypoints, lookup_keypoints
@@ -83,16 +91,6 @@ def check_face_in_photo(face: PreparedFace, image_shape: tuple[int, ...]) -> Non
             )
 
 
-def check_output_folder(out_dir: Path) -> None:
-    """Create `out_dir` and check that it can be written, before any work."""
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out_dir):
-            pass
-    except OSError as err:
-        raise InputError(f"{out_dir}: output folder cannot be created or written ({err})") from err
-
-
 def _find_face(
     image: np.ndarray, relative: str, keypoints: dict[str, KeypointEntry] | None, detector: Detector | None,
     min_score: float,
@@ -137,11 +135,6 @@ def process_image(
     if score is not None:
         entry["score"] = round(score, 4)
     return entry
-
-
-def _describe(err: Exception) -> str:
-    """The reason recorded for a failed image: our messages as they are, others with their type."""
-    return str(err) if isinstance(err, InputError) else f"{type(err).__name__}: {err}"
 
 
 def _remove_outputs(out_dir: Path, name: str) -> None:
@@ -197,7 +190,10 @@ def run(
         detector = DEFAULT_DETECTOR if detector is None else detector
         found_by = detector if isinstance(detector, str) else getattr(detector, "name", type(detector).__name__)
         face_finder = make_detector(detector, min_score=min_score) if isinstance(detector, str) else detector
-    check_output_folder(out_dir)
+    try:
+        check_output_folder(out_dir)
+    except OutputFolderError as err:  # a bad argument of run(), reported as the others are
+        raise InputError(str(err)) from err
 
     report = {"input": str(input_path), "detector": found_by, "processed": [], "failed": [],
               "interrupted": True, "not_attempted": len(images)}
@@ -215,8 +211,9 @@ def run(
                         _remove_outputs(out_dir, name)
                     if not isinstance(err, Exception):  # Ctrl-C, SystemExit: stop (the report follows)
                         raise
-                    logger.warning("skipped %s: %s", image_path, _describe(err))
-                    report["failed"].append({"image": str(image_path), "reason": _describe(err)})
+                    reason = failure_reason(err)  # the report's entry names the image
+                    logger.warning("skipped %s: %s", image_path, reason)
+                    report["failed"].append({"image": str(image_path), "reason": reason})
                 else:
                     report["processed"].append(entry)
                     used_names[name] = str(image_path)
