@@ -174,5 +174,5 @@ def test_failed_checkpoint_write_names_the_file_and_keeps_the_previous_one(synth
 def test_unwritable_output_dir_is_refused_before_any_work(synthetic_root, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    with pytest.raises(InputError, match=r"file/run: train.output_dir cannot be written"):
+    with pytest.raises(InputError, match=r"train.output_dir: output folder .*file/run: .*file is a file, not a folder"):
         Trainer(demo_config("idgen", synthetic_root, blocker / "run"))

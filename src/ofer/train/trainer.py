@@ -16,7 +16,6 @@ import contextlib
 import logging
 import math
 import os
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ from torch.utils.tensorboard import SummaryWriter
 from ofer.checkpoints import MODULE_KEYS, load_state, read_checkpoint, save_checkpoint
 from ofer.config import Config, config_to_dict
 from ofer.data.datasets import ExpressionDataset, IdentityDataset
-from ofer.io import InputError, remove_stale_temporaries
+from ofer.io import InputError, OutputFolderError, check_output_folder, remove_stale_temporaries
 from ofer.progress import progress
 from ofer.train.tasks import METRIC_NOTES, build_task, param_groups
 
@@ -159,10 +158,9 @@ class Trainer:
         """Check that `train.output_dir` can be written (before any work) and remove temporary
         checkpoint files that a kill during a write left there."""
         try:
-            self.out.mkdir(parents=True, exist_ok=True)
-            tempfile.TemporaryFile(dir=self.out).close()
-        except OSError as err:
-            raise InputError(f"{self.out}: train.output_dir cannot be written ({err})") from err
+            check_output_folder(self.out)
+        except OutputFolderError as err:  # a config value: reported as the other config errors are
+            raise InputError(f"train.output_dir: {err}") from err
         for name in ("last.tar", "best.tar"):
             for stale in remove_stale_temporaries(self.out / name):
                 log.info("removed %s, left by a checkpoint write that was interrupted", stale)
