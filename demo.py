@@ -142,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         code = run_and_show(test_command(ckpt, DATA / "test" / "list.txt", DATA / "test", out))
         if code == 0:
             print(f"\nModels: {', '.join(str(p) for p in ckpt.values())}\n")
-            print(format_table(synthetic_table(out, DATA, load_config(TEST_CFG).model.jaw_scale)))
+            cfg = load_config(TEST_CFG)
+            print(format_table(synthetic_table(out, DATA, cfg.model.jaw_scale, cfg.test.jaw_limits)))
         where(out)
     print(f"Demo finished in {time.perf_counter() - start:.0f} s")
     return code

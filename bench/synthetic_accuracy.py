@@ -8,7 +8,8 @@ for IdGen and ExpGen). All errors are mean per-vertex distances in mm:
   (oracle), the average of the N sample meshes (the paper's "average of samples"), and the
   model's mean face as the baseline; shape diversity is the per-vertex spread of the N samples;
 - expression: ExpGen's samples applied to the TRUE identity (so only expression and jaw
-  are measured): the first sample, the best (oracle), and the neutral face as the baseline;
+  are measured; the jaw posed as test.py poses it, clamped into `test.jaw_limits`
+  when set): the first sample, the best (oracle), and the neutral face as the baseline;
   expression diversity is the spread of the M samples.
 
 It also prints each demo checkpoint's training time. Uses the bundled demo models by default
@@ -42,6 +43,7 @@ from ofer.config import load_config
 from ofer.data.datasets import ExpressionDataset
 from ofer.eval.metrics import diversity, vertex_errors
 from ofer.flame import FLAME
+from ofer.flame.jaw import jaws_to_pose
 from ofer.inference.pipeline import OferPipeline
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,8 +95,9 @@ def evaluate(pipe: OferPipeline, truth_flame: FLAME, frames: dict[str, torch.Ten
         m = len(rec.expressions)
         expressions = torch.from_numpy(rec.expressions)  # (M, n_exp), padded with zeros to the truth's 50
         expressions = torch.nn.functional.pad(expressions, (0, flame.n_exp - expressions.shape[1]))
+        jaws = jaws_to_pose(torch.from_numpy(rec.jaws), pipe.test.jaw_limits)  # as the pipeline posed them
         exp_meshes = flame(shape.expand(m, -1), expression=expressions,
-                           jaw=pipe.jaw_scale * torch.from_numpy(rec.jaws)).numpy() * 1000.0  # (M, V, 3)
+                           jaw=pipe.jaw_scale * jaws).numpy() * 1000.0  # (M, V, 3)
         exp_err = vertex_errors(exp_meshes, expr_gt).mean(1)  # (M,)
         rows.append({
             "shape_ranked": shape_err[rec.best], "shape_random": shape_err.mean(), "shape_oracle": shape_err.min(),

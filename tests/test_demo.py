@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 import sys
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 
 from conftest import REPO, demo_config
 from ofer.checkpoints import checkpoint_config, load_state, read_checkpoint
+from ofer.config import load_config
 from ofer.data.synthetic import SyntheticSettings, generate, has_training_data
 from ofer.eval.synthetic_table import COLUMNS, format_table, synthetic_table
 from ofer.inference.bundle import make_bundle, write_bundle
@@ -18,6 +20,7 @@ from ofer.models.stages import DiffusionStage
 from ofer.train.trainer import Trainer
 
 BUNDLED = REPO / "models" / "demo"
+DEMO_TEST_CFG = REPO / "configs" / "demo" / "test.yml"
 STAGES = ("idgen", "expgen", "idrank")
 TRAINING_ONLY = {"optimizer", "scheduler", "rng", "train_weights", "ema_n_averaged", "best", "var_sched"}
 
@@ -81,10 +84,11 @@ def test_bundled_models_are_small_and_inference_only():
         assert ckpt["bundle"]["made_by"], f  # how it was trained is recorded in the file
 
 
-def test_bundled_models_beat_the_baselines(demo_test_set, tmp_path):
-    """test.py with the bundled files on 4 held-out faces: better than mean face, random sample, neutral face."""
-    out = tmp_path / "out"
-    code = run_test(["--cfg", str(REPO / "configs" / "demo" / "test.yml"),
+@pytest.fixture(scope="module")
+def demo_outputs(demo_test_set, tmp_path_factory):
+    """test.py's outputs with the bundled files and the demo config (jaw limits on) for the 4 test images."""
+    out = tmp_path_factory.mktemp("demo_out")
+    code = run_test(["--cfg", str(DEMO_TEST_CFG),
                      "--checkpoint1", str(BUNDLED / "idrank.tar"), "--checkpoint2", str(BUNDLED / "idgen.tar"),
                      "--checkpoint3", str(BUNDLED / "expgen.tar"),
                      "--filename", str(demo_test_set / "test" / "list.txt"), "--imagepath", str(demo_test_set / "test"),
@@ -93,7 +97,13 @@ def test_bundled_models_beat_the_baselines(demo_test_set, tmp_path):
                      "--opt", f"model.flame_lmk_embedding_path={demo_test_set / 'flame' / 'landmark_embedding.npy'}",
                      "--opt", f"model.front_indices_path={demo_test_set / 'flame' / 'frontindices.npy'}"])
     assert code == 0
-    rows = synthetic_table(out, demo_test_set)
+    return out
+
+
+def test_bundled_models_beat_the_baselines(demo_test_set, demo_outputs):
+    """test.py with the bundled files on 4 held-out faces: better than mean face, random sample, neutral face."""
+    cfg = load_config(DEMO_TEST_CFG)
+    rows = synthetic_table(demo_outputs, demo_test_set, cfg.model.jaw_scale, cfg.test.jaw_limits)  # as demo.py
     mean = rows["MEAN"]
     assert mean["shape_pick"] < mean["mean_face"]
     assert mean["shape_pick"] < mean["shape_random"]
@@ -105,6 +115,23 @@ def test_bundled_models_beat_the_baselines(demo_test_set, tmp_path):
             assert math.isnan(row["div_occ"]) == name.startswith("clear")
     text = format_table(rows)
     assert all(key in text for key in COLUMNS) and "mm" in text
+
+
+def test_table_poses_the_jaw_that_test_py_posed(demo_test_set, demo_outputs, tmp_path):
+    """exp_first* puts the first jaw on the true identity clamped into the jaw limits when they are
+    set (all-zero limits: as if the saved jaws were zero), and as sampled when they are not."""
+    closed = synthetic_table(demo_outputs, demo_test_set, jaw_limits=[0.0] * 6)
+    raw = synthetic_table(demo_outputs, demo_test_set)
+    zeroed = tmp_path / "out"
+    shutil.copytree(demo_outputs, zeroed)
+    for path in zeroed.glob("*.npz"):
+        rec = dict(np.load(path))
+        assert (rec["jaws"][0] != 0).any()
+        np.savez(path, **{**rec, "jaws": np.zeros_like(rec["jaws"])})
+    without_jaw = synthetic_table(zeroed, demo_test_set)
+    for name, row in closed.items():
+        assert row["exp_first*"] == pytest.approx(without_jaw[name]["exp_first*"], abs=1e-6), name
+        assert raw[name]["exp_first*"] != pytest.approx(row["exp_first*"], abs=1e-6), name
 
 
 def test_demo_photos_runs_preprocess_and_test(demo_test_set, tmp_path, monkeypatch, capsys):

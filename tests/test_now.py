@@ -283,6 +283,21 @@ def test_now_layout_reads_test_py_outputs(tmp_path):
     assert resolve_item("S1/selfie/IMG_1.jpg", pred, gt).pred_mesh == pred / "S1" / "selfie" / "IMG_1.obj"
 
 
+def test_both_layouts_keep_every_dot_of_the_image_stem(tmp_path):
+    """`IMG.1.jpg` -> `IMG.1.obj`, `IMG.1.npy` (not `IMG.obj`), in the NoW layout as in the flat one."""
+    pred, gt = tmp_path / "pred", tmp_path / "gt"
+    for path in (gt / "scans" / "S1" / "s.obj", gt / "scans_lmks_onlypp" / "S1" / "s.pp", gt / "IMG.1.obj",
+                 gt / "IMG.1.pp", pred / "S1" / "selfie" / "IMG.1.obj", pred / "S1" / "selfie" / "IMG.1.npy",
+                 pred / "IMG.1.obj", pred / "IMG.1.npy"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+    now = resolve_item("S1/selfie/IMG.1.jpg", pred, gt)
+    assert (now.pred_mesh, now.pred_landmarks) == (pred / "S1" / "selfie" / "IMG.1.obj",
+                                                   pred / "S1" / "selfie" / "IMG.1.npy")
+    flat = resolve_item("IMG.1", pred, gt)
+    assert (flat.pred_mesh, flat.pred_landmarks) == (pred / "IMG.1.obj", pred / "IMG.1.npy")
+
+
 # ------------------------------------------------------------- reference behaviour details
 
 

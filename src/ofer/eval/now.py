@@ -112,20 +112,27 @@ def _first_match(folder: Path, pattern: str, what: str) -> Path:
     return matches[0]
 
 
+def _prediction_mesh(pred_dir: Path, stem: str) -> Path | None:
+    """`<pred>/<stem>.obj|.ply` (.obj first, as the reference), else test.py's `<pred>/shapesample/<stem>_0.ply`.
+
+    Both layouts find the mesh alike; `stem` is the list line without the image's suffix.
+    """
+    return _first_existing([pred_dir / f"{stem}{suffix}" for suffix in MESH_SUFFIXES]
+                           + [pred_dir / "shapesample" / f"{stem}_0.ply"])
+
+
 def resolve_item(line: str, pred_dir: Path, gt_dir: Path) -> NowItem:
     """Map one list line to its prediction and scan files (layouts in the module docstring)."""
     parts = Path(line).parts
     if len(parts) == 3:  # NoW layout: subject/challenge/image
         subject, challenge, image = parts
-        stem = Path(subject, challenge, Path(image).stem)
-        base = pred_dir / stem
+        stem = str(Path(subject, challenge, Path(image).stem))
         return NowItem(
-            name=str(stem),
+            name=stem,
             group=challenge,
-            pred_mesh=_first_existing([base.with_suffix(s) for s in MESH_SUFFIXES]
-                                      + [pred_dir / "shapesample" / f"{stem}_0.ply"]),  # test.py's output
-            pred_landmarks=_first_existing([base.with_suffix(".npy"), base.with_suffix(".txt"),
-                                            base / "kpt7.npy"]),
+            pred_mesh=_prediction_mesh(pred_dir, stem),
+            pred_landmarks=_first_existing([pred_dir / f"{stem}.npy", pred_dir / f"{stem}.txt",
+                                            pred_dir / stem / "kpt7.npy"]),
             scan_mesh=_first_match(gt_dir / "scans" / subject, "*.obj", "scan"),
             scan_landmarks=_first_match(gt_dir / "scans_lmks_onlypp" / subject, "*.pp", "landmark file"),
         )
@@ -139,8 +146,7 @@ def resolve_item(line: str, pred_dir: Path, gt_dir: Path) -> NowItem:
         return NowItem(
             name=name,
             group="",
-            pred_mesh=_first_existing([pred_dir / f"{name}{s}" for s in MESH_SUFFIXES]
-                                      + [pred_dir / "shapesample" / f"{name}_0.ply"]),  # test.py's output
+            pred_mesh=_prediction_mesh(pred_dir, name),
             pred_landmarks=_first_existing([
                 pred_dir / f"{name}_kpt7.npy", pred_dir / name / "kpt7.npy",
                 pred_dir / f"{name}.npy", pred_dir / f"{name}.txt",

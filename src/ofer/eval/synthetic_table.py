@@ -10,7 +10,8 @@ outputs for it (`<out>/shapesample/`, `<out>/flamesample/`, `<out>/<name>.npz`),
   sample and the pick's neutral face, each against the true expressive mesh;
 - expression with the true identity (as `bench/synthetic_accuracy.py` and the README's
   benchmark measure it, so only expression and jaw count): the first sample's expression and
-  jaw on the true identity, and the true neutral face, against the true expressive mesh;
+  jaw on the true identity, and the true neutral face, against the true expressive mesh (the
+  jaw posed as test.py poses it: clamped into `test.jaw_limits` when those are set);
 - diversity of the saved expression samples on the visible and on the occluded vertices.
 
 Each expression sample is compared with the neutral face of the same identity, so the two
@@ -20,6 +21,7 @@ pairs of columns read alike: a sample beats "neutral" when it gets the expressio
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +29,7 @@ import torch
 
 from ofer.eval.metrics import evaluate_samples, find_samples, nanmean, vertex_errors
 from ofer.flame import FLAME
+from ofer.flame.jaw import jaws_to_pose
 from ofer.io import InputError, load_array, read_mesh
 
 COLUMNS = {  # key -> legend
@@ -47,7 +50,8 @@ def _mesh(path: Path) -> np.ndarray:
     return vertices
 
 
-def image_row(out: Path, gt: Path, name: str, flame: FLAME, mean_face: np.ndarray, jaw_scale: float) -> dict[str, float]:
+def image_row(out: Path, gt: Path, name: str, flame: FLAME, mean_face: np.ndarray, jaw_scale: float,
+              jaw_limits: Sequence[float] | None) -> dict[str, float]:
     """The table's values (mm) for one image; `flame` takes the ground truth's full shape vector."""
     neutral_gt, expr_gt = _mesh(gt / "neutral" / f"{name}.ply"), _mesh(gt / f"{name}.ply")
     occluded = load_array(gt / f"{name}_occlusion.npy", (len(expr_gt),)).astype(bool)
@@ -65,8 +69,8 @@ def image_row(out: Path, gt: Path, name: str, flame: FLAME, mean_face: np.ndarra
         expression = torch.from_numpy(rec["expressions"][:1]).float()  # (1, n_exp of ExpGen)
         expression = torch.nn.functional.pad(expression, (0, flame.n_exp - expression.shape[1]))
         true_shape = torch.from_numpy(truth["shape"][None]).float()[:, : flame.n_shape]
-        first_on_truth = flame(true_shape, expression=expression,
-                               jaw=jaw_scale * torch.from_numpy(rec["jaws"][:1]).float())[0].numpy() * 1000.0
+        jaw = jaws_to_pose(torch.from_numpy(rec["jaws"][:1]).float(), jaw_limits)  # the .npz keeps the raw ones
+        first_on_truth = flame(true_shape, expression=expression, jaw=jaw_scale * jaw)[0].numpy() * 1000.0
     spread = evaluate_samples(samples, expr_gt, occluded)["diversity"]  # an all-False mask: visible = all
     return {
         "shape_pick": float(vertex_errors(pick, neutral_gt).mean()),
@@ -81,17 +85,19 @@ def image_row(out: Path, gt: Path, name: str, flame: FLAME, mean_face: np.ndarra
     }
 
 
-def synthetic_table(out: str | Path, data: str | Path, jaw_scale: float = 1.0) -> dict[str, dict[str, float]]:
+def synthetic_table(out: str | Path, data: str | Path, jaw_scale: float = 1.0,
+                    jaw_limits: Sequence[float] | None = None) -> dict[str, dict[str, float]]:
     """Rows per image of `<data>/test/list.txt` plus "MEAN" (mean over the images that have a value).
 
-    `jaw_scale` is the test config's `model.jaw_scale` (the demo's is 1.0).
+    `jaw_scale` and `jaw_limits` are the test config's `model.jaw_scale` (the demo's is 1.0) and
+    `test.jaw_limits`, so that the true identity is posed with the jaw test.py posed.
     """
     out, data = Path(out), Path(data)
     gt = data / "test_gt"
     flame = FLAME(str(data / "flame" / "generic_model.pkl"), n_shape=300, n_exp=50)
     mean_face = _mesh(data / "flame" / "mean_shape.ply")
     names = (data / "test" / "list.txt").read_text().split()
-    rows = {name: image_row(out, gt, name, flame, mean_face, jaw_scale) for name in names}
+    rows = {name: image_row(out, gt, name, flame, mean_face, jaw_scale, jaw_limits) for name in names}
     rows["MEAN"] = {k: nanmean([r[k] for r in rows.values()]) for k in COLUMNS}
     return rows
 

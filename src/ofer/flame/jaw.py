@@ -29,6 +29,15 @@ def clamp_jaw(jaws: torch.Tensor, limits: Sequence[float]) -> torch.Tensor:
     return torch.maximum(torch.minimum(jaws, bounds[:, 1]), bounds[:, 0])
 
 
+def jaws_to_pose(jaws: torch.Tensor, limits: Sequence[float] | None) -> torch.Tensor:
+    """The jaw poses FLAME is given: `jaws` clamped into `limits` (`test.jaw_limits`), as sampled when None.
+
+    test.py and the evaluations that pose its saved samples again (ofer.eval.synthetic_table,
+    bench/synthetic_accuracy.py) all go through here, so they pose the same jaws.
+    """
+    return jaws if limits is None else clamp_jaw(jaws, limits)
+
+
 def outside_limits(jaws: np.ndarray, limits: Sequence[float]) -> np.ndarray:
     """(..., 3) jaw poses -> (...,) bool: True where any axis leaves its range."""
     jaws = np.asarray(jaws)

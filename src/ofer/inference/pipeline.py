@@ -21,7 +21,7 @@ from ofer.config import Config, TestConfig
 from ofer.encoders.arcface import configure_single_image_bn
 from ofer.encoders.normalise import clip_normalise_bgr, crop_to_clip_input
 from ofer.flame import FLAME
-from ofer.flame.jaw import clamp_jaw
+from ofer.flame.jaw import jaws_to_pose
 from ofer.io import load_array, read_image
 from ofer.models.idrank import load_front_indices, rank_features
 from ofer.models.stages import DiffusionStage, IdRank
@@ -173,7 +173,7 @@ class OferPipeline:
         m = t.num_expressions
         exp = self.expgen.sample(ctx_expgen, m, t.exp_sampling, t.exp_steps, t.eta, generator, **options)
         expressions, jaws = exp[..., : self.n_exp], exp[..., self.n_exp :]  # (B, M, 50), (B, M, 3)
-        posed_jaws = jaws if t.jaw_limits is None else clamp_jaw(jaws, t.jaw_limits)  # the .npz keeps the raw ones
+        posed_jaws = jaws_to_pose(jaws, t.jaw_limits)  # the .npz keeps the raw ones
         expression_mm = self.flame(
             best_shape.repeat_interleave(m, dim=0),
             expression=expressions.flatten(0, 1),
