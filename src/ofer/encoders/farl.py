@@ -3,7 +3,7 @@
 The tower is written here (``VisionTransformer``, OpenAI's CLIP layout with QuickGELU
 activations, the ``ViT-B-16-quickgelu`` of open_clip) rather than built by open_clip: importing
 open_clip pulls in torchvision and torch._dynamo, which cost test.py ~3 s of start-up and
-~230 MB of memory for a network of five kinds of layer. The modules carry OpenAI's key names
+~220 MB of memory for a network of five kinds of layer. The modules carry OpenAI's key names
 (`conv1`, `class_embedding`, `positional_embedding`, `ln_pre`,
 `transformer.resblocks.N.attn.in_proj_weight`, `ln_post`, `proj`), and the tower is stored under
 the attribute `visual`, so this module's state dict has exactly the `visual.*` keys of an
