@@ -11,29 +11,15 @@ Both kernels take turns, best of ``--repeats`` rounds of ``--calls`` calls:
 from __future__ import annotations
 
 import argparse
-import time
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from denoiser_speed import best_times  # bench/ is on the path when a bench runs as a script
 
 from ofer.diffusion.denoiser import pack_projection, project
 
 OUTPUTS = 6144
 WIDTHS = (10, 25, 50, 53, 300)
-
-
-def best_us(fns: dict[str, Callable[[], object]], repeats: int, calls: int) -> dict[str, float]:
-    for fn in fns.values():
-        fn()  # warm-up
-    best = dict.fromkeys(fns, float("inf"))
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            best[name] = min(best[name], 1e6 * (time.perf_counter() - start) / calls)
-    return best
 
 
 def main() -> None:
@@ -55,7 +41,7 @@ def main() -> None:
         if not packed.is_mkldnn:
             raise SystemExit("oneDNN packing is not available in this PyTorch build (or not on this CPU)")
         kernels = {"linear": lambda x=x, w=weight: F.linear(x, w), "packed": lambda x=x, w=packed: project(x, w)}
-        times = best_us(kernels, args.repeats, args.calls)
+        times = {name: 1e6 * seconds for name, seconds in best_times(kernels, args.repeats, args.calls).items()}
         diff = (project(x, packed) - F.linear(x, weight)).abs().max().item()
         print(f"| {dim} | {times['linear']:.0f} | {times['packed']:.0f} | "
               f"{times['packed'] / times['linear']:.2f} | {diff:.1e} |")
