@@ -6,10 +6,10 @@ ViT-B/16 (or the tiny encoders with --tiny-encoders). The face model is the synt
 FLAME-format model (2434 vertices instead of FLAME's 5023; FLAME's cost is small next to
 the sampling). Prints seconds per image and images per second per sampler setting (best of
 ``--repeats`` rounds over the settings), the peak memory, and the time of one IdGen and one
-ExpGen network call as sampling makes it (the fast path, ``Denoiser.sampler``). It runs with whichever ``ofer`` is importable, so
-``--compare`` can run it on an older checkout too: the two codes then take turns in fresh
-processes (each its own peak memory) at the original samplers, and the best s/image of each
-and their ratio are printed.
+ExpGen network call as sampling makes it (the fast path, ``Denoiser.sampler``). It runs with
+whichever ``ofer`` is importable, so ``--compare`` can run it on an older checkout too: the
+two codes then take turns in fresh processes (each its own peak memory) at the original
+samplers, and the best s/image of each and their ratio are printed.
 
     python bench/pipeline_speed.py                       # CPU, N=100, M=100, all settings
     python bench/pipeline_speed.py --compare /tmp/ofer-5bf4554 --repeats 2
@@ -72,19 +72,21 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
 
 
+def elapsed(fn, device: torch.device) -> float:
+    """Seconds one call of ``fn`` takes, the GPU's queued work included."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
 def time_call(fn, device: torch.device, repeats: int = 5) -> float:
     """Best of ``repeats`` timings of one call (after a warm-up)."""
     fn()
-    best = float("inf")
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return best
+    return min(elapsed(fn, device) for _ in range(repeats))
 
 
 def network_call(net: torch.nn.Module, context: torch.Tensor, dtype: torch.dtype, step: int, compiled: bool = False):
@@ -176,13 +178,8 @@ def main() -> None:
         for label, s_id, n_id, s_exp, n_exp in chosen:
             pipe.test.sampling, pipe.test.steps, pipe.test.exp_sampling, pipe.test.exp_steps = s_id, n_id, s_exp, n_exp
             generator = torch.Generator(device).manual_seed(0)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            pipe(image, arcface, generator)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            best[label] = min(best.get(label, float("inf")), time.perf_counter() - start)
+            seconds = elapsed(lambda generator=generator: pipe(image, arcface, generator), device)
+            best[label] = min(best.get(label, float("inf")), seconds)
     print("\n| setting | s per image | images/s |\n|---|---|---|")
     for label, seconds in best.items():
         print(f"| {label} | {seconds / b:.2f} | {b / seconds:.3f} |")
