@@ -448,8 +448,11 @@ class DenoiserSampler:
             bias = torch.cat([block.modulation(linear.bias) for block, linear in zip(blocks, linears)])  # (S,)
             self.context_part = F.linear(F.silu(context), context_weight, bias)  # (B, S)
             del context_weight
-            pack = (lambda w: w) if compiled else functools.partial(pack_projection, batch=context.shape[0])
-            self.attentions = [(pack(stacked.to(dtype)), out_bias) for stacked, out_bias in (a.prepare() for a in net.attentions())]
+            # inductor cannot take a packed (oneDNN) weight as an input: the compiled path keeps F.linear's
+            self.attentions = [
+                (stacked.to(dtype) if compiled else pack_projection(stacked.to(dtype), context.shape[0]), out_bias)
+                for stacked, out_bias in (attention.prepare() for attention in net.attentions())
+            ]
             steps = sorted(set(timesteps))
             with self.autocast(context.device):
                 table = self.time_part(torch.tensor(steps, dtype=torch.long, device=context.device))  # (K, S)
