@@ -9,7 +9,8 @@ the sampling). Prints seconds per image and images per second per sampler settin
 ExpGen network call as sampling makes it (the fast path, ``Denoiser.sampler``). It runs with
 whichever ``ofer`` is importable, so ``--compare`` can run it on an older checkout too: the
 two codes then take turns in fresh processes (each its own peak memory) at the original
-samplers, and the best s/image of each and their ratio are printed.
+samplers, on the device, dtype and CUDA-graph setting given (older code without an option
+runs as it is), and the best s/image of each and their ratio are printed.
 
     python bench/pipeline_speed.py                       # CPU, N=100, M=100, all settings
     python bench/pipeline_speed.py --compare /tmp/ofer-5bf4554 --repeats 2
@@ -107,11 +108,13 @@ def compare(args: argparse.Namespace) -> None:
     codes = {"today": REPO / "src", "old": Path(args.compare) / "src"}
     child = [sys.executable, __file__, "--json", "--only", label, "--num-shapes", str(args.num_shapes),
              "--num-expressions", str(args.num_expressions), "--images", str(args.images), "--repeats", "1"]
-    child += ["--compile"] if args.compile else []  # older code without the option runs as it is
+    child += ["--device", args.device, "--dtype", args.dtype]
+    # older code without these options runs as it is (float32, eager)
+    child += (["--compile"] if args.compile else []) + (["--cuda-graph"] if args.cuda_graph else [])
     results: dict[str, list[dict]] = {name: [] for name in codes}
     for r in range(args.repeats):
         for name, src in codes.items():
-            env = dict(os.environ, PYTHONPATH=str(src))
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(src), os.environ.get("PYTHONPATH")])))
             out = subprocess.run(child, env=env, check=True, capture_output=True, text=True).stdout
             results[name].append(json.loads(out.strip().splitlines()[-1]))
             print(f"round {r + 1}, {name} ({src}): {results[name][-1]}", flush=True)

@@ -1,8 +1,10 @@
-"""Shared fixtures: a tiny synthetic data set (synthetic FLAME-format model) made once per session."""
+"""Shared fixtures: a tiny synthetic data set (synthetic FLAME-format model) made once per session.
+Tests marked ``gpu`` are skipped (and listed as skipped) where CUDA is not available."""
 
 from pathlib import Path
 
 import pytest
+import torch
 
 from ofer.checkpoints import save_checkpoint
 from ofer.config import config_to_dict, load_config
@@ -11,6 +13,16 @@ from ofer.io import load_array
 from ofer.models.stages import DiffusionStage, IdRank
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Skip the `gpu` tests without CUDA (CI has none; `bash bench/gpu_check.sh` runs them)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -330,3 +330,40 @@ def test_compiled_fast_path_equals_the_eager_one() -> None:
         eager = net.sampler(context)(x, t)
         compiled = net.sampler(context, compiled=True)(x, t)
         torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_fast_path_on_cuda_equals_the_training_forward_and_the_cpu() -> None:
+    """On a GPU the fast path (unpacked projections, F.linear) gives the forward's output,
+    and the network the CPU's, at ExpGen's real size."""
+    torch.manual_seed(0)
+    net = Denoiser(53, 1024, [53, 25, 10]).eval()
+    x, context, t = torch.randn(100, 53), torch.randn(100, 1024), torch.full((100,), 500)
+    cuda = torch.device("cuda")
+    with torch.no_grad():
+        on_cpu = net(x, t, context)
+        net, x, context, t = net.to(cuda), x.to(cuda), context.to(cuda), t.to(cuda)
+        forward = net(x, t, context)
+        fast = net.sampler(context, timesteps=[500])(x, t)
+    torch.testing.assert_close(fast, forward, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(forward.cpu(), on_cpu, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sampler", ["ddim_legacy", "ddpm"])
+def test_cuda_graph_replay_equals_eager_sampling_on_cuda(sampler: str) -> None:
+    """StaticEps captures the step as a CUDA graph; replaying it samples what the eager path does."""
+    cuda = torch.device("cuda")
+    model = Denoiser(**FAST_CASES[0]).eval().to(cuda)
+    schedule = NoiseSchedule(num_steps=12)
+    context = torch.randn(6, 16, device=cuda)
+    fast = model.sampler(context)
+    eager = sample(fast, schedule, (6, 12), sampler, generator=torch.Generator(cuda).manual_seed(5), device=cuda)
+    static = StaticEps(fast.eps, (6, 12), cuda, cuda_graph=True)
+    assert static.graph is not None
+    replayed = sample(static, schedule, (6, 12), sampler, generator=torch.Generator(cuda).manual_seed(5), device=cuda)
+    torch.testing.assert_close(replayed, eager, rtol=1e-5, atol=1e-5)
+    low = StaticEps(model.sampler(context, torch.bfloat16).eps, (6, 12), cuda, cuda_graph=True)
+    in_bf16 = sample(low, schedule, (6, 12), sampler, generator=torch.Generator(cuda).manual_seed(5), device=cuda)
+    assert torch.isfinite(in_bf16).all() and not torch.equal(in_bf16, eager)
+    assert (in_bf16 - eager).abs().max() < 0.1 * eager.abs().max()

@@ -234,7 +234,7 @@ def test_float32_default_and_input_checks(assets):
         FLAME(paths.model, n_shape=301)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.gpu
 def test_cuda_matches_cpu(assets):
     paths, _, _ = assets
     flame = FLAME(paths.model, landmark_embedding_path=paths.landmarks)

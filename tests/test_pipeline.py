@@ -3,6 +3,8 @@ per-image generators, the static-buffer (CUDA-graph) sampling path and the bfloa
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -29,7 +31,7 @@ def flame(tmp_path_factory) -> FLAME:
     return FLAME(paths.model, n_shape=10, n_exp=5, landmark_embedding_path=paths.landmarks)
 
 
-def build(flame: FLAME, *test: str) -> OferPipeline:
+def build(flame: FLAME, *test: str, device: torch.device = torch.device("cpu")) -> OferPipeline:
     torch.manual_seed(0)
     idgen = DiffusionStage(stage_config("arcface", 10, 512, [10, 6], "model.n_shape=10"), load_weights=False)
     expgen = DiffusionStage(stage_config("arcfarl", 8, 1024, [8, 4], "stage=expgen", "model.n_exp=5"),
@@ -41,7 +43,7 @@ def build(flame: FLAME, *test: str) -> OferPipeline:
     expgen.arcface.load_state_dict(idrank.arcface.state_dict())
     cfg = load_config(None, ["test.numsamples=3", "test.num_expressions=2", "test.sampling=ddim", "test.steps=4",
                              "test.exp_sampling=ddim_legacy", *test]).test
-    return OferPipeline(idgen, idrank, expgen, flame, torch.arange(FRONT), cfg, 0.5, torch.device("cpu"))
+    return OferPipeline(idgen, idrank, expgen, flame, torch.arange(FRONT), cfg, 0.5, device)
 
 
 def inputs(b: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,6 +119,28 @@ def test_bfloat16_option_runs_and_stays_near_float32(flame) -> None:
         a, b = torch.from_numpy(getattr(exact, name)), torch.from_numpy(getattr(low, name))
         assert torch.isfinite(b).all() and not torch.equal(a, b), name
         assert (a - b).abs().max() < 0.1 * a.abs().max(), name
+
+
+@pytest.mark.gpu
+def test_on_cuda_the_cuda_graph_and_bfloat16_options_follow_the_eager_float32_run(flame) -> None:
+    """On a GPU: replayed CUDA graphs give the eager run's reconstructions (float rounding
+    aside); bfloat16 with CUDA graphs stays near them."""
+    cuda = torch.device("cuda")
+    image, arcface = inputs(2)
+
+    def run(*test: str):
+        pipe = build(copy.deepcopy(flame), *test, device=cuda)  # the pipeline moves its FLAME to the GPU
+        return pipe(image, arcface, [torch.Generator(cuda).manual_seed(seed) for seed in (3, 4)])
+
+    eager, replayed, low = run(), run("test.cuda_graph=true"), run("test.cuda_graph=true", "test.dtype=bfloat16")
+    for a, b, c in zip(eager, replayed, low, strict=True):
+        assert b.best == a.best
+        torch.testing.assert_close(b.shapes, a.shapes, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(b.expression_mm, a.expression_mm, rtol=1e-5, atol=1e-3)
+        for name in ("shapes", "expressions", "jaws", "neutral_mm"):
+            exact, in_bf16 = torch.from_numpy(getattr(a, name)), torch.from_numpy(getattr(c, name))
+            assert torch.isfinite(in_bf16).all() and not torch.equal(exact, in_bf16), name
+            assert (exact - in_bf16).abs().max() < 0.1 * exact.abs().max(), name
 
 
 def test_jaw_limits_clamp_the_jaw_that_poses_the_meshes(flame) -> None:
