@@ -15,6 +15,7 @@ from ofer.inference.pipeline import OferPipeline
 from ofer.models.stages import DiffusionStage, IdRank
 
 FRONT = 40  # front-face vertices scored by IdRank
+CPU = torch.device("cpu")
 
 
 def stage_config(expencoder: str, flame_dim: int, context_dim: int, dims: list[int], *extra: str):
@@ -31,7 +32,7 @@ def flame(tmp_path_factory) -> FLAME:
     return FLAME(paths.model, n_shape=10, n_exp=5, landmark_embedding_path=paths.landmarks)
 
 
-def build(flame: FLAME, *test: str, device: torch.device = torch.device("cpu")) -> OferPipeline:
+def build(flame: FLAME, *test: str, device: torch.device = CPU) -> OferPipeline:
     torch.manual_seed(0)
     idgen = DiffusionStage(stage_config("arcface", 10, 512, [10, 6], "model.n_shape=10"), load_weights=False)
     expgen = DiffusionStage(stage_config("arcfarl", 8, 1024, [8, 4], "stage=expgen", "model.n_exp=5"),
@@ -75,7 +76,7 @@ def test_encoders_with_other_weights_or_attributes_are_not_shared(flame) -> None
     with torch.no_grad():
         pipe.expgen.farl.fc.bias.add_(1.0)  # after construction: weights are compared at construction...
     pipe = OferPipeline(pipe.idgen, pipe.idrank, pipe.expgen, pipe.flame, pipe.front_idx, pipe.test, 0.5,
-                        torch.device("cpu"))  # ...so rebuild
+                        CPU)  # ...so rebuild
     pipe.expgen.arcface.switch = True  # equal weights, different plain attribute (compared per call)
     encoders = [pipe.idgen.arcface, pipe.idrank.farl, pipe.idrank.arcface, pipe.expgen.farl, pipe.expgen.arcface]
     counts = count_calls(encoders)
