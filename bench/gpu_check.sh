@@ -9,10 +9,12 @@
 #
 # It runs from the repository root without installing the project (PYTHONPATH=src), with the
 # machine's own PyTorch. Packages the machine lacks can wait as wheels in .whl/ (installed to
-# /tmp/site first), e.g. made on a machine with pip access:
+# /tmp/site first), made where pip can download (pure-Python wheels; PyTorch, numpy, scipy,
+# OpenCV, PyYAML, tqdm, scikit-image and pytest are assumed there):
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl trimesh diffusers importlib_metadata
 # OLD_CHECKOUT holds 5bf4554's src/ for the comparison (skipped without it), e.g.
 #   mkdir -p .gpu/old && git archive 5bf4554 src | tar -x -C .gpu/old
+# Neither folder is tracked: list /.whl/ and /.gpu/ in .git/info/exclude and have them carried.
 set -uo pipefail
 out=${1:?usage: bash bench/gpu_check.sh OUT_DIR [OLD_CHECKOUT]}
 old=${2:-}
