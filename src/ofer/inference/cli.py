@@ -159,6 +159,7 @@ def run(args: argparse.Namespace, ranks: Ranks) -> int:
     """Load the settings and the list, take the output folder, reconstruct this rank's share."""
     if args.batch < 1:
         raise ConfigError(f"--batch {args.batch}: must be at least 1")
+    device = ranks.device(args.device)
     overrides = list(args.opt)
     for flag, key in (("num_shapes", "numsamples"), ("num_expressions", "num_expressions"), ("sampler", "sampling"),
                       ("steps", "steps"), ("exp_sampler", "exp_sampling"), ("exp_steps", "exp_steps"), ("seed", "seed"),
@@ -175,7 +176,7 @@ def run(args: argparse.Namespace, ranks: Ranks) -> int:
     lock = OutputLock(out)
     try:
         plan = start_run(out, entries, args.overwrite, lock, ranks)
-        return reconstruct_shard(args, cfg, out, plan, settings, ranks)
+        return reconstruct_shard(args, cfg, out, plan, settings, ranks, device)
     finally:
         if ranks.rank == 0:
             lock.release()
@@ -213,10 +214,9 @@ def start_run(out: Path, entries: list[tuple[str, Path]], overwrite: bool, lock:
 
 
 def reconstruct_shard(args: argparse.Namespace, cfg: Config, out: Path, plan: RunPlan, settings: dict,
-                      ranks: Ranks) -> int:
-    """Reconstruct this rank's share of the plan, report it, and (rank 0) write the run's summary.json."""
+                      ranks: Ranks, device: torch.device) -> int:
+    """Reconstruct this rank's share of the plan on `device`, report it, and (rank 0) write the run's summary.json."""
     mine = ranks.shard(plan.todo)
-    device = ranks.device(args.device)
     report = RankReport(ranks.rank, str(device))
     if ranks.rank == 0:
         log.info("%d images listed, %d already done, %d to reconstruct on %d process(es)", len(plan.listed),

@@ -17,6 +17,8 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
+from ofer.device import resolve_device
+
 T = TypeVar("T")
 
 
@@ -41,12 +43,12 @@ class Ranks:
         """`auto`: this rank's GPU when CUDA is there, else the CPU; `cuda` picks this rank's GPU.
 
         With more ranks on a node than GPUs, ranks share them (local rank modulo the GPU count).
+        A value that is no device here is a ConfigError (`resolve_device`).
         """
-        if requested == "auto":
-            requested = "cuda" if torch.cuda.is_available() else "cpu"
-        if requested == "cuda" and self.world > 1:
-            requested = f"cuda:{self.local_rank % max(torch.cuda.device_count(), 1)}"
-        return torch.device(requested)
+        device = resolve_device(requested, "--device")
+        if device.type == "cuda" and device.index is None and self.world > 1:
+            device = torch.device("cuda", self.local_rank % torch.cuda.device_count())
+        return device
 
     def shard(self, items: Sequence[T]) -> list[T]:
         """This rank's part of the list: every world-th item from position rank (balanced, order kept)."""

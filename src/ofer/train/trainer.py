@@ -33,6 +33,7 @@ from torch.utils.tensorboard import SummaryWriter
 from ofer.checkpoints import MODULE_KEYS, load_state, read_checkpoint, save_checkpoint
 from ofer.config import Config, config_to_dict
 from ofer.data.datasets import ExpressionDataset, IdentityDataset
+from ofer.device import resolve_device
 from ofer.io import InputError, OutputFolderError, check_output_folder, remove_stale_temporaries
 from ofer.progress import progress
 from ofer.train.tasks import METRIC_NOTES, build_task, param_groups
@@ -105,19 +106,19 @@ class Distributed:
 
 
 def setup_distributed(requested: str) -> Distributed:
-    """Join the torchrun process group when WORLD_SIZE > 1; pick the device otherwise."""
+    """Join the torchrun process group when WORLD_SIZE > 1 (one GPU per process, or the CPU);
+    pick the device otherwise. A `train.device` that is no device here is a ConfigError."""
+    device = resolve_device(requested, "train.device")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size > 1:
         local_rank = int(os.environ["LOCAL_RANK"])
-        use_cuda = torch.cuda.is_available() and requested != "cpu"
+        use_cuda = device.type == "cuda"
         dist.init_process_group("nccl" if use_cuda else "gloo")
         if use_cuda:
             torch.cuda.set_device(local_rank)
         device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
         return Distributed(dist.get_rank(), world_size, device)
-    if requested == "auto":
-        requested = "cuda" if torch.cuda.is_available() else "cpu"
-    return Distributed(0, 1, torch.device(requested))
+    return Distributed(0, 1, device)
 
 
 class Trainer:
