@@ -181,6 +181,15 @@ def test_list_entries_that_would_share_outputs_are_refused(tmp_path):
     assert [n for n, _ in read_list(tmp_path / "list.txt", tmp_path)] == ["a", "sub/b", "c"]
 
 
+def test_more_steps_than_a_model_was_trained_with_are_refused_before_any_image(synthetic_root, checkpoints,
+                                                                               tmp_path, caplog):
+    listing, out = synthetic_root / "test" / "list.txt", tmp_path / "out"
+    assert run(synthetic_root, checkpoints, listing, synthetic_root / "test", out, "--exp-steps", "1001") == 2
+    assert (f"config key 'test.exp_steps': 1001 exceeds the 1000 diffusion steps the model of "
+            f"{checkpoints['expgen']} was trained with") in caplog.text
+    assert not (out / "flamesample").exists()
+
+
 def test_a_checkpoint_in_the_wrong_slot_is_refused(synthetic_root, checkpoints, tmp_path, caplog):
     (tmp_path / "list.txt").write_text("a\n")
     swapped = dict(checkpoints, idgen=checkpoints["expgen"])

@@ -72,6 +72,7 @@ Beta = Annotated[float, Range(low=0, high=1, low_open=True, high_open=True)]
 
 
 SamplerName = Literal["ddpm", "ddim", "ddim_legacy", "dpmpp_2m", "unipc"]  # ofer.diffusion.samplers.SAMPLERS
+FIXED_SEQUENCE_SAMPLERS = ("ddpm", "ddim_legacy")  # ofer.diffusion.samplers.FIXED_SEQUENCE: no step count
 
 
 @dataclass
@@ -196,7 +197,7 @@ class TestConfig:
     arcface_single_image_bn: Literal["auto", "skip", "apply"] = "auto"
     dtype: Literal["float32", "bfloat16"] = "float32"  # networks at inference (bfloat16: autocast)
     cuda_graph: bool = False  # on CUDA, replay each denoiser call as a captured CUDA graph
-    compile: bool = False  # torch.compile the denoiser call (compiles once per process, then ~2x faster on CPU)
+    compile: bool = False  # torch.compile the denoiser call (compiles once per process; README "Speed")
     # Stage configs for checkpoints that carry none (the released original files).
     idgen_config: str = "configs/idgen_flame20.yml"
     expgen_config: str = "configs/expgen_flame20.yml"
@@ -318,6 +319,13 @@ def _check_consistency(cfg: Config) -> None:
     if occlusion.min_area > occlusion.max_area:
         raise ConfigError(f"config key 'dataset.occlusion.min_area': {occlusion.min_area!r} must not exceed "
                           f"dataset.occlusion.max_area ({occlusion.max_area!r})")
+    for section, sampler_key, steps_key in (("test", "sampling", "steps"), ("test", "exp_sampling", "exp_steps"),
+                                            ("idrank", "sampling", "steps")):
+        sampler, steps = getattr(getattr(cfg, section), sampler_key), getattr(getattr(cfg, section), steps_key)
+        if steps is not None and sampler in FIXED_SEQUENCE_SAMPLERS:
+            raise ConfigError(f"config key '{section}.{steps_key}': {steps} steps do not apply to "
+                              f"{section}.{sampler_key} {sampler!r}, whose network calls are fixed; leave it null "
+                              "or sample with ddim, dpmpp_2m or unipc")
     # Validation during training samples with the stage's own schedule: steps cannot exceed it.
     own_steps = {"idgen": ("test.steps", cfg.test.steps), "expgen": ("test.exp_steps", cfg.test.exp_steps)}
     key, steps = own_steps.get(cfg.stage, ("", None))

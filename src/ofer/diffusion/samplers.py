@@ -33,6 +33,7 @@ from ofer.progress import progress as progress_bar
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 SAMPLERS = ("ddpm", "ddim", "ddim_legacy", *SOLVERS)
+FIXED_SEQUENCE = ("ddpm", "ddim_legacy")  # samplers whose network calls are fixed: no step count
 DEFAULT_DDIM_STEPS = 50
 LEGACY_STRIDE = 4  # the original visits every 4th step
 
@@ -170,7 +171,7 @@ def sample(
         Samples of ``shape`` (float32).
     """
     _check_sampler(sampler)
-    if sampler in ("ddpm", "ddim_legacy") and steps is not None:
+    if sampler in FIXED_SEQUENCE and steps is not None:
         raise ValueError(f"sample: steps apply to 'ddim' and {SOLVERS}, not {sampler!r}")
     if sampler != "ddim" and eta != 0.0:
         raise ValueError(f"sample: eta applies to 'ddim' only, not {sampler!r}")

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ofer.checkpoints import check_stage, checkpoint_config, is_original, load_state, read_checkpoint
-from ofer.config import Config, TestConfig
+from ofer.config import Config, ConfigError, TestConfig
 from ofer.encoders.arcface import configure_single_image_bn
 from ofer.encoders.normalise import clip_normalise_bgr, crop_to_clip_input
 from ofer.flame import FLAME
@@ -113,6 +113,11 @@ class OferPipeline:
             stages[name] = (stage_cfg, ckpt, path)
         idgen = DiffusionStage(stages["idgen"][0], load_weights=False)
         expgen = DiffusionStage(stages["expgen"][0], load_weights=False)
+        for key, steps, stage, path in (("test.steps", cfg.test.steps, idgen, idgen_path),
+                                        ("test.exp_steps", cfg.test.exp_steps, expgen, expgen_path)):
+            if steps is not None and steps > stage.var_sched.num_steps:
+                raise ConfigError(f"config key '{key}': {steps} exceeds the {stage.var_sched.num_steps} diffusion "
+                                  f"steps the model of {path} was trained with")
         flame = FLAME(cfg.model.flame_model_path, n_shape=idgen.flame_dim, n_exp=expgen.flame_dim - 3,
                       landmark_embedding_path=cfg.model.flame_lmk_embedding_path)
         front_idx = load_front_indices(cfg.model.front_indices_path, flame.num_vertices)
