@@ -101,8 +101,8 @@ def test_every_default_lies_in_its_range():
     (["dataset.occlusion.min_area=0.4"], r"min_area.*must not exceed dataset.occlusion.max_area"),
     (["varsched.num_steps=10", "test.sampling=ddim", "test.steps=20"],
      r"'test.steps': 20 exceeds varsched.num_steps \(10\)"),
-    (["test.steps=20"], r"'test.steps': 20 steps do not apply to test.sampling 'ddim_legacy', whose network calls "
-                        r"are fixed; leave it null or sample with ddim, dpmpp_2m or unipc"),
+    (["test.steps=20"], (r"'test.steps': 20 steps do not apply to test.sampling 'ddim_legacy', whose network "
+                         r"calls are fixed; leave it null or sample with ddim, dpmpp_2m or unipc")),
     (["test.exp_steps=10"], r"'test.exp_steps': 10 steps do not apply to test.exp_sampling 'ddpm'"),
     (["idrank.steps=10"], r"'idrank.steps': 10 steps do not apply to idrank.sampling 'ddpm'"),
 ])
