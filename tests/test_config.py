@@ -105,6 +105,8 @@ def test_every_default_lies_in_its_range():
                          r"calls are fixed; leave it null or sample with ddim, dpmpp_2m or unipc")),
     (["test.exp_steps=10"], r"'test.exp_steps': 10 steps do not apply to test.exp_sampling 'ddpm'"),
     (["idrank.steps=10"], r"'idrank.steps': 10 steps do not apply to idrank.sampling 'ddpm'"),
+    (["test.jaw_limits=[1, 2]"], r"'test.jaw_limits': jaw limits must be 6 finite numbers .* got \[1.0, 2.0\]"),
+    (["test.jaw_limits=[0.5, -0.5, 0, 0, 0, 0]"], r"'test.jaw_limits': .*with lo <= hi, got \[0.5, -0.5"),
 ])
 def test_keys_that_must_agree_are_checked_together(overrides, match):
     with pytest.raises(ConfigError, match=match):

@@ -326,6 +326,13 @@ def _check_consistency(cfg: Config) -> None:
             raise ConfigError(f"config key '{section}.{steps_key}': {steps} steps do not apply to "
                               f"{section}.{sampler_key} {sampler!r}, whose network calls are fixed; leave it null "
                               "or sample with ddim, dpmpp_2m or unipc")
+    if cfg.test.jaw_limits is not None:
+        from ofer.flame.jaw import jaw_limits_array  # the one rule; imported here to keep this module torch-free
+
+        try:
+            jaw_limits_array(cfg.test.jaw_limits)
+        except ValueError as err:
+            raise ConfigError(f"config key 'test.jaw_limits': {err}") from None
     # Validation during training samples with the stage's own schedule: steps cannot exceed it.
     own_steps = {"idgen": ("test.steps", cfg.test.steps), "expgen": ("test.exp_steps", cfg.test.exp_steps)}
     key, steps = own_steps.get(cfg.stage, ("", None))
