@@ -19,7 +19,10 @@ from ofer.io import InputError, read_image, read_mesh
 NOW7 = [36, 39, 42, 45, 33, 48, 54]
 
 
-def run(synthetic_root, checkpoints, list_file, image_dir, out, *extra):
+FAST_SAMPLING = ("--sampler", "ddim", "--steps", "2", "--exp-sampler", "ddim", "--exp-steps", "2")
+
+
+def run(synthetic_root, checkpoints, list_file, image_dir, out, *extra, sampling=FAST_SAMPLING):
     flame = synthetic_root / "flame"
     return run_test([
         "--cfg", str(REPO / "configs" / "demo" / "test.yml"),
@@ -29,9 +32,8 @@ def run(synthetic_root, checkpoints, list_file, image_dir, out, *extra):
         "--checkpoint1", str(checkpoints["idrank"]), "--checkpoint2", str(checkpoints["idgen"]),
         "--checkpoint3", str(checkpoints["expgen"]),
         "--filename", str(list_file), "--imagepath", str(image_dir), "--outputpath", str(out),
-        "--num-shapes", "4", "--num-expressions", "3", "--sampler", "ddim", "--steps", "2",
-        "--exp-sampler", "ddim", "--exp-steps", "2", "--device", "cpu", "--opt", "test.num_saved_expressions=2",
-        *extra,
+        "--num-shapes", "4", "--num-expressions", "3", *sampling, "--device", "cpu",
+        "--opt", "test.num_saved_expressions=2", *extra,
     ])
 
 
@@ -188,6 +190,24 @@ def test_more_steps_than_a_model_was_trained_with_are_refused_before_any_image(s
     assert (f"config key 'test.exp_steps': 1001 exceeds the 1000 diffusion steps the model of "
             f"{checkpoints['expgen']} was trained with") in caplog.text
     assert not (out / "flamesample").exists()
+
+
+def test_a_fixed_sequence_sampler_flag_drops_the_configs_steps_but_refuses_explicit_ones(synthetic_root,
+                                                                                         checkpoints, tmp_path, caplog):
+    """configs/demo/test.yml samples IdGen with ddim 25: `--sampler ddim_legacy` alone takes the fixed
+    sequence (the YAML's steps were meant for ddim); `--steps` given with it is refused before any image."""
+    name = (synthetic_root / "test" / "list.txt").read_text().split()[0]
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{name}\n")
+    exp = ("--exp-sampler", "ddim", "--exp-steps", "2")
+    assert run(synthetic_root, checkpoints, listing, synthetic_root / "test", tmp_path / "a",
+               sampling=("--sampler", "ddim_legacy", *exp)) == 0
+    settings = json.loads((tmp_path / "a" / name / "done.json").read_text())["settings"]
+    assert (settings["sampling"], settings["steps"]) == ("ddim_legacy", None)
+    assert run(synthetic_root, checkpoints, listing, synthetic_root / "test", tmp_path / "b",
+               sampling=("--sampler", "ddim_legacy", "--steps", "5", *exp)) == 2
+    assert "'test.steps': 5 steps do not apply to test.sampling 'ddim_legacy'" in caplog.text
+    assert not (tmp_path / "b" / name).exists()
 
 
 def test_a_checkpoint_in_the_wrong_slot_is_refused(synthetic_root, checkpoints, tmp_path, caplog):

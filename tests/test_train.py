@@ -15,7 +15,7 @@ from ofer.io import InputError
 from ofer.train.trainer import StepBatchSampler, Trainer
 
 FAST = ["train.val_steps=3", "train.checkpoint_steps=3", "train.val_batches=1", "train.log_steps=1",
-        "test.steps=2", "test.exp_steps=2"]
+        "test.sampling=ddim", "test.steps=2", "test.exp_sampling=ddim", "test.exp_steps=2"]
 
 
 def params(path):

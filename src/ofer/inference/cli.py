@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ofer.config import Config, ConfigError, load_config
+from ofer.config import FIXED_SEQUENCE_SAMPLERS, Config, ConfigError, load_config
 from ofer.diffusion.samplers import SAMPLERS
 from ofer.inference.export import done_marker, write_outputs
 from ofer.inference.outfolder import OutputLock, lock_holder
@@ -166,6 +166,10 @@ def run(args: argparse.Namespace, ranks: Ranks) -> int:
                       ("dtype", "dtype"), ("compile", "compile")):
         if getattr(args, flag) is not None:
             overrides.append(f"test.{key}={getattr(args, flag)}")
+    # A sampler flag without a fixed sequence's step count drops the config's steps (meant for its sampler).
+    for sampler, steps, key in ((args.sampler, args.steps, "steps"), (args.exp_sampler, args.exp_steps, "exp_steps")):
+        if sampler in FIXED_SEQUENCE_SAMPLERS and steps is None:
+            overrides.append(f"test.{key}=null")
     cfg = load_config(args.cfg, overrides)
     if args.numcheckpoint is not None and args.numcheckpoint != 3:
         log.warning("--numcheckpoint %d ignored: test.py always takes the three checkpoints --checkpoint1..3, "
