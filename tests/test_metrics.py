@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
+from ofer.eval import EXIT_COMPLETE, EXIT_MISSING, EXIT_SETUP, exit_code
 from ofer.eval.metrics import diversity, evaluate_samples, main, vertex_errors
 from ofer.io import write_ply
 
@@ -106,3 +107,16 @@ def test_folder_command(tmp_path):
     assert image["oracle"]["occluded"] == pytest.approx(0.0)
     assert image["neutral_shape"]["all"] == pytest.approx(0.5)
     assert saved["mean_over_images"]["ranked"] == pytest.approx(image["ranked"])
+
+
+def test_command_refuses_a_missing_prediction_folder_in_one_line(tmp_path, caplog):
+    faces = np.array([[0, 1, 2], [0, 2, 3]])
+    write_ply(tmp_path / "gt" / "scan.ply", GT, faces)
+    argv = ["--pred", str(tmp_path / "no_out"), "--gt", str(tmp_path / "gt")]
+    assert exit_code(main, argv) == EXIT_SETUP
+    assert f"{tmp_path / 'no_out'}: prediction folder not found (test.py's --outputpath)" in caplog.text
+    (tmp_path / "no_out").mkdir()
+    assert exit_code(main, argv) == EXIT_MISSING  # the folder holds no samples of "scan"
+    for k, sample in enumerate(SAMPLES):
+        write_ply(tmp_path / "no_out" / "flamesample" / f"scan_0_{k}.ply", sample, faces)
+    assert exit_code(main, argv) == EXIT_COMPLETE

@@ -11,6 +11,7 @@ import pytest
 import trimesh
 from scipy.spatial.transform import Rotation
 
+from ofer.eval import EXIT_COMPLETE, EXIT_MISSING, EXIT_SETUP, exit_code
 from ofer.eval.geometry import (
     MeshSurface,
     Similarity,
@@ -409,3 +410,17 @@ def test_reflected_or_misordered_landmarks_are_warned_about(tmp_path, caplog):
     pred, gt, list_file = _flat_case(tmp_path / "order", shuffled)
     report = main(["--pred", str(pred), "--gt", str(gt), "--list", str(list_file)])
     assert report["per_image"][0]["landmark_rms_mm"] > 10 and "mm RMS" in caplog.text
+
+
+def test_command_exit_codes_say_complete_missing_or_bad_input(tmp_path, caplog):
+    pred, gt, list_file = _flat_case(tmp_path)
+    argv = ["--pred", str(pred), "--gt", str(gt), "--list", str(list_file)]
+    assert exit_code(main, argv) == EXIT_COMPLETE
+    for suffix in (".obj", ".pp"):  # b: a scan, but no prediction
+        (gt / f"b{suffix}").write_bytes((gt / f"a{suffix}").read_bytes())
+    list_file.write_text("a\nb\n")
+    assert exit_code(main, argv) == EXIT_MISSING
+    argv[3] = str(tmp_path / "no_gt")
+    assert exit_code(main, argv) == EXIT_SETUP
+    assert f"{tmp_path / 'no_gt'}: ground-truth folder (NoW's final_release_version, or a flat scan folder) " \
+           "not found" in caplog.text

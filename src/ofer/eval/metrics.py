@@ -32,12 +32,13 @@ import logging
 import math
 import os
 import re
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from ofer.eval import write_json_report
+from ofer.eval import exit_code, write_json_report
 from ofer.eval.geometry import similarity_procrustes
 from ofer.io import InputError, load_array, read_mesh
 
@@ -142,6 +143,8 @@ def evaluate_folder(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, mask
                     ranked_index: int = 0, align: bool = False) -> dict:
     """Evaluate every `<gt>/<name>.ply` against the test.py outputs in pred_dir."""
     pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
+    if not pred_dir.is_dir():
+        raise InputError(f"{pred_dir}: prediction folder not found (test.py's --outputpath)")
     masks_dir = Path(masks_dir) if masks_dir is not None else gt_dir
     names = sorted(p.stem for p in gt_dir.glob("*.ply"))
     if not names:
@@ -229,4 +232,4 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_code(main))

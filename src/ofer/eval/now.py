@@ -63,6 +63,7 @@ import argparse
 import logging
 import math
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,7 +71,7 @@ from xml.etree import ElementTree
 
 import numpy as np
 
-from ofer.eval import write_json_report
+from ofer.eval import exit_code, write_json_report
 from ofer.eval.geometry import MeshSurface, Similarity, refine_dogleg, refine_similarity, similarity_procrustes
 from ofer.io import InputError, load_array, read_mesh, write_ply
 
@@ -326,6 +327,10 @@ def evaluate_now(lines: Sequence[str], pred_dir: str | os.PathLike, gt_dir: str 
     if unit not in UNIT_FACTORS:
         raise ValueError(f"unit must be one of {sorted(UNIT_FACTORS)}, got {unit!r}")
     pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
+    for folder, what in ((pred_dir, "prediction folder (test.py's --outputpath)"),
+                         (gt_dir, "ground-truth folder (NoW's final_release_version, or a flat scan folder)")):
+        if not folder.is_dir():
+            raise InputError(f"{folder}: {what} not found")
     items = [resolve_item(line, pred_dir, gt_dir) for line in lines]
     scans: dict[tuple[Path, Path], tuple[np.ndarray, np.ndarray]] = {}  # one crop per subject
     per_image, missing, distances, groups = [], [], [], {}
@@ -424,4 +429,4 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_code(main))
