@@ -183,12 +183,18 @@ def test_list_entries_that_would_share_outputs_are_refused(tmp_path):
     assert [n for n, _ in read_list(tmp_path / "list.txt", tmp_path)] == ["a", "sub/b", "c"]
 
 
-def test_more_steps_than_a_model_was_trained_with_are_refused_before_any_image(synthetic_root, checkpoints,
-                                                                               tmp_path, caplog):
+@pytest.mark.parametrize(("flags", "message"), [
+    (("--exp-steps", "1001"), ("config keys test.exp_sampling, test.exp_steps = ddim, 1001: ddim: steps must be "
+                               "in [1, 1000], got 1001; the ExpGen of {expgen} has 1000 diffusion steps")),
+    (("--exp-sampler", "dpmpp_2m", "--exp-steps", "1000"), ("config keys test.exp_sampling, test.exp_steps = "
+                                                            "dpmpp_2m, 1000: dpmpp_2m: steps must be in [1, 999]")),
+    (("--opt", "test.jaw_limits=[1, 2]"), "config key test.jaw_limits: jaw limits must be 6 finite numbers"),
+])
+def test_settings_every_image_would_fail_with_are_refused_before_any_image(synthetic_root, checkpoints, tmp_path,
+                                                                           caplog, flags, message):
     listing, out = synthetic_root / "test" / "list.txt", tmp_path / "out"
-    assert run(synthetic_root, checkpoints, listing, synthetic_root / "test", out, "--exp-steps", "1001") == 2
-    assert (f"config key 'test.exp_steps': 1001 exceeds the 1000 diffusion steps the model of "
-            f"{checkpoints['expgen']} was trained with") in caplog.text
+    assert run(synthetic_root, checkpoints, listing, synthetic_root / "test", out, *flags) == 2
+    assert message.format(expgen=checkpoints["expgen"]) in caplog.text
     assert not (out / "flamesample").exists()
 
 
@@ -206,7 +212,8 @@ def test_a_fixed_sequence_sampler_flag_drops_the_configs_steps_but_refuses_expli
     assert (settings["sampling"], settings["steps"]) == ("ddim_legacy", None)
     assert run(synthetic_root, checkpoints, listing, synthetic_root / "test", tmp_path / "b",
                sampling=("--sampler", "ddim_legacy", "--steps", "5", *exp)) == 2
-    assert "'test.steps': 5 steps do not apply to test.sampling 'ddim_legacy'" in caplog.text
+    assert ("config keys test.sampling, test.steps = ddim_legacy, 5: sample: steps apply to 'ddim' and "
+            "('dpmpp_2m', 'unipc'), not 'ddim_legacy'") in caplog.text
     assert not (tmp_path / "b" / name).exists()
 
 

@@ -10,12 +10,12 @@ import yaml
 
 from conftest import demo_config
 from ofer.checkpoints import read_checkpoint
-from ofer.config import config_to_dict
+from ofer.config import ConfigError, config_to_dict
 from ofer.io import InputError
 from ofer.train.trainer import StepBatchSampler, Trainer
 
 FAST = ["train.val_steps=3", "train.checkpoint_steps=3", "train.val_batches=1", "train.log_steps=1",
-        "test.sampling=ddim", "test.steps=2", "test.exp_sampling=ddim", "test.exp_steps=2"]
+        "test.steps=2", "test.exp_steps=2"]
 
 
 def params(path):
@@ -176,3 +176,20 @@ def test_unwritable_output_dir_is_refused_before_any_work(synthetic_root, tmp_pa
     blocker.write_text("")
     with pytest.raises(InputError, match=r"train.output_dir: output folder .*file/run: .*file is a file, not a folder"):
         Trainer(demo_config("idgen", synthetic_root, blocker / "run"))
+
+
+@pytest.mark.parametrize(("stage", "overrides", "message"), [
+    ("idgen", ["varsched.num_steps=10", "test.sampling=ddim", "test.steps=20"],
+     ("config keys test.sampling, test.steps = ddim, 20: ddim: steps must be in [1, 10], got 20; this stage's "
+      "varsched has 10 diffusion steps")),
+    ("expgen", ["test.exp_sampling=ddpm", "test.exp_steps=5"],
+     "config keys test.exp_sampling, test.exp_steps = ddpm, 5: sample: steps apply to 'ddim'"),
+    ("idrank", ["idrank.sampling=ddpm", "idrank.steps=3"],
+     "config keys idrank.sampling, idrank.steps = ddpm, 3: sample: steps apply to 'ddim'"),
+])
+def test_sampling_settings_validation_would_fail_with_are_refused_before_training(synthetic_root, checkpoints,
+                                                                                  tmp_path, stage, overrides, message):
+    extra = [f"idrank.idgen_checkpoint={checkpoints['idgen']}"] if stage == "idrank" else []
+    with pytest.raises(ConfigError) as err:
+        Trainer(demo_config(stage, synthetic_root, tmp_path / "run", *FAST, *extra, *overrides))
+    assert str(err.value).startswith(message)

@@ -72,7 +72,6 @@ Beta = Annotated[float, Range(low=0, high=1, low_open=True, high_open=True)]
 
 
 SamplerName = Literal["ddpm", "ddim", "ddim_legacy", "dpmpp_2m", "unipc"]  # ofer.diffusion.samplers.SAMPLERS
-FIXED_SEQUENCE_SAMPLERS = ("ddpm", "ddim_legacy")  # ofer.diffusion.samplers.FIXED_SEQUENCE: no step count
 
 
 @dataclass
@@ -319,25 +318,6 @@ def _check_consistency(cfg: Config) -> None:
     if occlusion.min_area > occlusion.max_area:
         raise ConfigError(f"config key 'dataset.occlusion.min_area': {occlusion.min_area!r} must not exceed "
                           f"dataset.occlusion.max_area ({occlusion.max_area!r})")
-    for section, sampler_key, steps_key in (("test", "sampling", "steps"), ("test", "exp_sampling", "exp_steps"),
-                                            ("idrank", "sampling", "steps")):
-        sampler, steps = getattr(getattr(cfg, section), sampler_key), getattr(getattr(cfg, section), steps_key)
-        if steps is not None and sampler in FIXED_SEQUENCE_SAMPLERS:
-            raise ConfigError(f"config key '{section}.{steps_key}': {steps} steps do not apply to "
-                              f"{section}.{sampler_key} {sampler!r}, whose network calls are fixed; leave it null "
-                              "or sample with ddim, dpmpp_2m or unipc")
-    if cfg.test.jaw_limits is not None:
-        from ofer.flame.jaw import jaw_limits_array  # the one rule; imported here to keep this module torch-free
-
-        try:
-            jaw_limits_array(cfg.test.jaw_limits)
-        except ValueError as err:
-            raise ConfigError(f"config key 'test.jaw_limits': {err}") from None
-    # Validation during training samples with the stage's own schedule: steps cannot exceed it.
-    own_steps = {"idgen": ("test.steps", cfg.test.steps), "expgen": ("test.exp_steps", cfg.test.exp_steps)}
-    key, steps = own_steps.get(cfg.stage, ("", None))
-    if steps is not None and steps > cfg.varsched.num_steps:
-        raise ConfigError(f"config key '{key}': {steps} exceeds varsched.num_steps ({cfg.varsched.num_steps})")
 
 
 def _build_config(data: dict) -> Config:

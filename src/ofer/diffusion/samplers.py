@@ -114,6 +114,24 @@ def _check_sampler(sampler: str) -> None:
         raise ValueError(f"sample: sampler must be one of {SAMPLERS}, got {sampler!r}")
 
 
+def _check_arguments(sampler: str, steps: int | None, eta: float) -> None:
+    _check_sampler(sampler)
+    if sampler in FIXED_SEQUENCE and steps is not None:
+        raise ValueError(f"sample: steps apply to 'ddim' and {SOLVERS}, not {sampler!r}")
+    if sampler != "ddim" and eta != 0.0:
+        raise ValueError(f"sample: eta applies to 'ddim' only, not {sampler!r}")
+    if eta < 0.0:
+        raise ValueError(f"sample: eta must be >= 0, got {eta}")
+
+
+def check_sampling(sampler: str, schedule: NoiseSchedule, steps: int | None = None, eta: float = 0.0) -> None:
+    """Raise the ValueError ``sample`` would raise for these settings with this schedule (sampler
+    name, a step count only where one applies and within the schedule, eta for ``ddim`` only),
+    so that a run can refuse them before its first sample."""
+    _check_arguments(sampler, steps, eta)
+    network_steps(sampler, schedule, steps)  # each sampler's own rule for its step count
+
+
 def network_steps(sampler: str, schedule: NoiseSchedule, steps: int | None = None) -> list[int]:
     """The steps t at which ``sample`` calls the network, in calling order (for
     ``Denoiser.sampler`` to prepare them)."""
@@ -170,13 +188,7 @@ def sample(
     Returns:
         Samples of ``shape`` (float32).
     """
-    _check_sampler(sampler)
-    if sampler in FIXED_SEQUENCE and steps is not None:
-        raise ValueError(f"sample: steps apply to 'ddim' and {SOLVERS}, not {sampler!r}")
-    if sampler != "ddim" and eta != 0.0:
-        raise ValueError(f"sample: eta applies to 'ddim' only, not {sampler!r}")
-    if eta < 0.0:
-        raise ValueError(f"sample: eta must be >= 0, got {eta}")
+    _check_arguments(sampler, steps, eta)
     device = schedule.betas.device if device is None else torch.device(device)
     betas = schedule.betas.to(device)
     alphas = schedule.alphas.to(device)

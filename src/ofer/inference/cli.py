@@ -39,8 +39,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ofer.config import FIXED_SEQUENCE_SAMPLERS, Config, ConfigError, load_config
-from ofer.diffusion.samplers import SAMPLERS
+from ofer.config import Config, ConfigError, load_config
+from ofer.diffusion.samplers import FIXED_SEQUENCE, SAMPLERS
 from ofer.inference.export import done_marker, write_outputs
 from ofer.inference.outfolder import OutputLock, lock_holder
 from ofer.inference.pipeline import OferPipeline, Reconstruction, load_inputs
@@ -160,16 +160,17 @@ def run(args: argparse.Namespace, ranks: Ranks) -> int:
     if args.batch < 1:
         raise ConfigError(f"--batch {args.batch}: must be at least 1")
     device = ranks.device(args.device)
-    overrides = list(args.opt)
+    # A fixed-sequence sampler flag without --steps drops the config file's steps (meant for its sampler);
+    # steps set with --opt or --steps are kept and refused with it.
+    overrides = [f"test.{key}=null" for sampler, steps, key in (
+        (args.sampler, args.steps, "steps"), (args.exp_sampler, args.exp_steps, "exp_steps"))
+        if sampler in FIXED_SEQUENCE and steps is None]
+    overrides += args.opt
     for flag, key in (("num_shapes", "numsamples"), ("num_expressions", "num_expressions"), ("sampler", "sampling"),
                       ("steps", "steps"), ("exp_sampler", "exp_sampling"), ("exp_steps", "exp_steps"), ("seed", "seed"),
                       ("dtype", "dtype"), ("compile", "compile")):
         if getattr(args, flag) is not None:
             overrides.append(f"test.{key}={getattr(args, flag)}")
-    # A sampler flag without a fixed sequence's step count drops the config's steps (meant for its sampler).
-    for sampler, steps, key in ((args.sampler, args.steps, "steps"), (args.exp_sampler, args.exp_steps, "exp_steps")):
-        if sampler in FIXED_SEQUENCE_SAMPLERS and steps is None:
-            overrides.append(f"test.{key}=null")
     cfg = load_config(args.cfg, overrides)
     if args.numcheckpoint is not None and args.numcheckpoint != 3:
         log.warning("--numcheckpoint %d ignored: test.py always takes the three checkpoints --checkpoint1..3, "

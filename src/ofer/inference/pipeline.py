@@ -21,7 +21,7 @@ from ofer.config import Config, ConfigError, TestConfig
 from ofer.encoders.arcface import configure_single_image_bn
 from ofer.encoders.normalise import clip_normalise_bgr, crop_to_clip_input
 from ofer.flame import FLAME
-from ofer.flame.jaw import jaws_to_pose
+from ofer.flame.jaw import jaw_limits_array, jaws_to_pose
 from ofer.io import load_array, read_image
 from ofer.models.idrank import load_front_indices, rank_features
 from ofer.models.stages import DiffusionStage, IdRank
@@ -113,11 +113,15 @@ class OferPipeline:
             stages[name] = (stage_cfg, ckpt, path)
         idgen = DiffusionStage(stages["idgen"][0], load_weights=False)
         expgen = DiffusionStage(stages["expgen"][0], load_weights=False)
-        for key, steps, stage, path in (("test.steps", cfg.test.steps, idgen, idgen_path),
-                                        ("test.exp_steps", cfg.test.exp_steps, expgen, expgen_path)):
-            if steps is not None and steps > stage.var_sched.num_steps:
-                raise ConfigError(f"config key '{key}': {steps} exceeds the {stage.var_sched.num_steps} diffusion "
-                                  f"steps the model of {path} was trained with")
+        # Settings every image would fail with are refused now, before any image.
+        idgen.check_sampling(cfg.test.sampling, cfg.test.steps, "test.sampling, test.steps", f"the IdGen of {idgen_path}")
+        expgen.check_sampling(cfg.test.exp_sampling, cfg.test.exp_steps, "test.exp_sampling, test.exp_steps",
+                              f"the ExpGen of {expgen_path}")
+        if cfg.test.jaw_limits is not None:
+            try:
+                jaw_limits_array(cfg.test.jaw_limits)
+            except ValueError as err:
+                raise ConfigError(f"config key test.jaw_limits: {err}") from None
         flame = FLAME(cfg.model.flame_model_path, n_shape=idgen.flame_dim, n_exp=expgen.flame_dim - 3,
                       landmark_embedding_path=cfg.model.flame_lmk_embedding_path)
         front_idx = load_front_indices(cfg.model.front_indices_path, flame.num_vertices)

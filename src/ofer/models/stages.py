@@ -12,11 +12,11 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ofer.config import Config
+from ofer.config import Config, ConfigError
 from ofer.diffusion import Denoiser, NoiseSchedule, diffusion_loss, sample
 from ofer.diffusion.denoiser import StaticEps
 from ofer.diffusion.noise import Generators
-from ofer.diffusion.samplers import network_steps
+from ofer.diffusion.samplers import check_sampling, network_steps
 from ofer.encoders import build_arcface, build_farl
 from ofer.models.idrank import IdRankNet
 
@@ -87,6 +87,15 @@ class DiffusionStage(ImageContext):
     def loss(self, context: torch.Tensor, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Noise-prediction loss for targets x0 (B, D) given contexts (B, C)."""
         return diffusion_loss(lambda x, t: self.net(x, t, context), self.var_sched, x0, self.losstype, generator)
+
+    def check_sampling(self, sampler: str, steps: int | None, keys: str, model: str) -> None:
+        """Refuse, before the first sample, settings `sample` would refuse with this stage's noise
+        schedule: a ConfigError naming the config `keys` and the `model` (where it came from)."""
+        try:
+            check_sampling(sampler, self.var_sched, steps)
+        except ValueError as err:
+            raise ConfigError(f"config keys {keys} = {sampler}, {steps}: {err}; {model} has "
+                              f"{self.var_sched.num_steps} diffusion steps") from None
 
     @torch.no_grad()
     def sample(

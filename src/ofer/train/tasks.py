@@ -70,6 +70,14 @@ class DiffusionTask(nn.Module):
         self.cfg = cfg
         self.model = DiffusionStage(cfg)
         self.flame = build_flame(cfg)
+        self.model.check_sampling(*self.validation_sampling(), "this stage's varsched")
+
+    def validation_sampling(self) -> tuple[str, int | None, str]:
+        """The sampler and step count validation samples with, and their config keys."""
+        t = self.cfg.test
+        if self.cfg.stage == "idgen":
+            return t.sampling, t.steps, "test.sampling, test.steps"
+        return t.exp_sampling, t.exp_steps, "test.exp_sampling, test.exp_steps"
 
     def targets(self, batch: Batch) -> torch.Tensor:
         """FLAME targets per image: (B*K, D)."""
@@ -95,10 +103,8 @@ class DiffusionTask(nn.Module):
         context = self.model.encode(image, arcface)
         x0 = self.targets(batch)
         shape = batch["shape"][:, : self.cfg.model.n_shape].repeat_interleave(batch["image"].shape[1], dim=0)
-        t = self.cfg.test
-        idgen = self.cfg.stage == "idgen"
-        sampler, steps = (t.sampling, t.steps) if idgen else (t.exp_sampling, t.exp_steps)
-        samples = self.model.sample(context, 1, sampler, steps, t.eta, generator)[:, 0]
+        sampler, steps, _ = self.validation_sampling()
+        samples = self.model.sample(context, 1, sampler, steps, self.cfg.test.eta, generator)[:, 0]
         return self.meshes_mm(x0, shape), self.meshes_mm(samples, shape), self.meshes_mm(torch.zeros_like(x0), shape)
 
     @torch.no_grad()
@@ -133,6 +139,8 @@ class IdRankTask(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.idgen = self._frozen_idgen(cfg)
+        self.idgen.check_sampling(cfg.idrank.sampling, cfg.idrank.steps, "idrank.sampling, idrank.steps",
+                                  f"the IdGen of {cfg.idrank.idgen_checkpoint}")
         self.flame = build_flame(cfg, n_shape=self.idgen.flame_dim)  # the shapes IdGen samples
         front_idx = load_front_indices(cfg.model.front_indices_path, self.flame.num_vertices)
         self.register_buffer("front_idx", front_idx, persistent=False)
