@@ -10,20 +10,21 @@
 # It runs from the repository root without installing the project (PYTHONPATH=src), with the
 # machine's own PyTorch. Packages the machine lacks can wait as wheels in .whl/ (installed to
 # /tmp/site first), made where pip can download (pure-Python wheels; PyTorch, numpy, scipy,
-# OpenCV, PyYAML, tqdm, scikit-image and pytest are assumed there):
-#   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl trimesh diffusers importlib_metadata
+# OpenCV, PyYAML, tqdm, scikit-image, Pillow, pytest and diffusers' huggingface_hub, requests and
+# filelock are assumed there):
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl trimesh diffusers
 # OLD_CHECKOUT holds 5bf4554's src/ for the comparison (skipped without it), e.g.
 #   mkdir -p .gpu/old && git archive 5bf4554 src | tar -x -C .gpu/old
 # Neither folder is tracked: list /.whl/ and /.gpu/ in .git/info/exclude and have them carried.
 set -uo pipefail
-out=${1:?usage: bash bench/gpu_check.sh OUT_DIR [OLD_CHECKOUT]}
-old=${2:-}
+out=$(realpath -m "${1:?usage: bash bench/gpu_check.sh OUT_DIR [OLD_CHECKOUT]}")
+old=${2:+$(realpath -m "$2")}
 mkdir -p "$out"
 exec > >(tee "$out/gpu_check.log") 2>&1
 cd "$(dirname "$0")/.."
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 status=0

@@ -10,9 +10,10 @@ from ofer.config import ConfigError
 def resolve_device(requested: str, option: str) -> torch.device:
     """The torch device for ``requested``: ``auto`` is the GPU when PyTorch sees one, else the CPU.
 
-    A value that names no device, or a GPU this machine does not have, is a ConfigError that
-    names ``option`` (the flag or config key it came from) and says what would work, instead
-    of PyTorch's error from deep inside the first tensor moved there.
+    A value that names no device, or a CUDA device this machine does not have, is a ConfigError
+    that names ``option`` (the flag or config key it came from) and says what would work,
+    instead of PyTorch's error from deep inside the first tensor moved there. Other device
+    types (mps, xpu) are passed on as given.
     """
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -12,7 +12,7 @@ import math
 import os
 from collections.abc import Callable, Sequence
 
-from ofer.io import InputError, atomic_write
+from ofer.io import atomic_write
 
 EXIT_COMPLETE, EXIT_MISSING, EXIT_SETUP = 0, 1, 2  # as test.py's: all done, some missing, bad input
 
@@ -37,10 +37,11 @@ def write_json_report(path: str | os.PathLike, report: dict) -> None:
 def exit_code(main: Callable[[Sequence[str] | None], dict], argv: Sequence[str] | None = None) -> int:
     """Run an evaluation command's `main` and say how it went: EXIT_COMPLETE when every image
     was evaluated, EXIT_MISSING when predictions are missing (the report lists them), EXIT_SETUP
-    on bad input (one error line naming the file, instead of a traceback; no report)."""
+    on bad input or options (InputError naming the file, or another ValueError of the checks:
+    one error line instead of a traceback; no report)."""
     try:
         report = main(argv)
-    except InputError as err:
+    except ValueError as err:  # InputError is one
         logging.getLogger(main.__module__).error("%s", err)
         return EXIT_SETUP
     return EXIT_MISSING if report["n_missing"] else EXIT_COMPLETE
