@@ -106,8 +106,11 @@ def photos(folder: Path, keypoints: Path | None, ckpt: dict[str, Path], out: Pat
         command += ["--keypoints", str(keypoints)]
     print(f"preprocess command:\n  {shlex.join(['python', *command[1:]])}")
     code = subprocess.run(command).returncode  # 1: some photos failed, the others are cropped
+    if code not in (0, 1):  # it could not start: its one error line (above) says why
+        log.error("preprocessing %s stopped before any photo (see its error above)", folder)
+        return 2
     listed = crops / "list.txt"
-    if code not in (0, 1) or not listed.is_file() or not listed.read_text().split():
+    if not listed.is_file() or not listed.read_text().split():
         log.error("no face was cropped from %s; see %s (give --keypoints FILE to place the faces by hand)",
                   folder, crops / "preprocess_report.json")
         return 1
@@ -123,13 +126,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train", action="store_true", help="make the training set and train the three demo stages first")
     p.add_argument("--photos", type=Path, help="reconstruct the faces in this folder of photos instead")
     p.add_argument("--keypoints", type=Path, help="with --photos: 5 keypoints per photo (see python -m ofer.preprocess)")
-    p.add_argument("--actors", type=int, default=SyntheticSettings.actors, help="with --train: synthetic training identities")
+    p.add_argument("--actors", type=int, help=f"with --train: synthetic training identities "
+                                               f"(default {SyntheticSettings.actors})")
     p.add_argument("--opt", action="append", default=[], help="with --train: override for every training config (e.g. train.max_steps=100)")
     args = p.parse_args(argv)
+    if (args.actors is not None or args.opt) and not args.train:
+        p.error("--actors and --opt apply with --train only")
+    if args.keypoints is not None and args.photos is None:
+        p.error("--keypoints applies with --photos only")
+    if args.actors is not None and args.actors < 1:
+        p.error(f"--actors {args.actors}: must be at least 1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     start = time.perf_counter()
     ckpt = checkpoints(args.train)
-    if not make_data(args.train, args.actors):  # the demo models need the synthetic FLAME-format model
+    if not make_data(args.train, args.actors or SyntheticSettings.actors):  # the demo models need the synthetic FLAME-format model
         return 2
     if args.train:
         for stage, cfg in STAGES:

@@ -182,6 +182,31 @@ def test_demo_photos_in_a_fresh_folder_makes_the_synthetic_model_first(demo_test
     assert "not meaningful" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--opt", "train.max_steps=5"], "--actors and --opt apply with --train only"),
+    (["--actors", "5"], "--actors and --opt apply with --train only"),
+    (["--keypoints", "kps.json"], "--keypoints applies with --photos only"),
+    (["--train", "--actors", "0"], "--actors 0: must be at least 1"),
+])
+def test_demo_refuses_flags_it_would_ignore_or_cannot_use(argv, message, capsys):
+    sys.path.insert(0, str(REPO))
+    import demo
+
+    with pytest.raises(SystemExit) as code:
+        demo.main(argv)
+    assert code.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_demo_photos_from_a_missing_folder_says_preprocessing_stopped(tmp_path, monkeypatch, caplog):
+    sys.path.insert(0, str(REPO))
+    import demo
+
+    monkeypatch.chdir(tmp_path)
+    ckpt = {stage: BUNDLED / f"{stage}.tar" for stage in STAGES}
+    assert demo.photos(tmp_path / "no_photos", None, ckpt, tmp_path / "out") == 2
+    assert f"preprocessing {tmp_path / 'no_photos'} stopped before any photo" in caplog.text
+
+
 def test_bundle_write_failure_names_the_file(tmp_path, monkeypatch, caplog):
     """A full disk while writing a bundle: one error line naming the file, exit 1, nothing left behind."""
     import torch
