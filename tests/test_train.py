@@ -193,3 +193,12 @@ def test_sampling_settings_validation_would_fail_with_are_refused_before_trainin
     with pytest.raises(ConfigError) as err:
         Trainer(demo_config(stage, synthetic_root, tmp_path / "run", *FAST, *extra, *overrides))
     assert str(err.value).startswith(message)
+
+
+def test_idrank_refuses_another_stage_as_its_idgen(synthetic_root, checkpoints, tmp_path):
+    """An ExpGen file as `idrank.idgen_checkpoint` would propose 53-number 'shapes' to FLAME."""
+    cfg = demo_config("idrank", synthetic_root, tmp_path / "run", *FAST, f"idrank.idgen_checkpoint={checkpoints['expgen']}")
+    with pytest.raises(InputError) as err:
+        Trainer(cfg)
+    assert str(err.value) == (f"{checkpoints['expgen']}: given as the IdGen checkpoint (idrank.idgen_checkpoint), but "
+                              "it holds an ExpGen stage (from its config); set idrank.idgen_checkpoint to another file")

@@ -97,15 +97,17 @@ def checkpoint_stage(ckpt: dict[str, Any]) -> str | None:
 def check_stage(ckpt: dict[str, Any], expected: str, path: str | Path, slot: str) -> None:
     """Refuse a checkpoint that holds another stage than `expected` (e.g. an ExpGen file given as IdGen).
 
-    `slot` names where the file was given (a command-line flag) for the message. A file whose
-    stage cannot be told (`checkpoint_stage` is None) is accepted; loading then checks its shapes.
+    `slot` names where the file was given (a command-line flag or a config key) for the message.
+    A file whose stage cannot be told (`checkpoint_stage` is None) is accepted; loading then checks
+    its shapes.
     """
     held = checkpoint_stage(ckpt)
     if held is not None and held != expected:
         source = "its config" if isinstance(ckpt.get("config"), dict) else "its network shapes"
+        hint = "check the order of the checkpoint flags" if slot.startswith("--") else f"set {slot} to another file"
         raise CheckpointError(
             f"{path}: given as the {STAGE_NAMES[expected]} checkpoint ({slot}), but it holds an "
-            f"{STAGE_NAMES[held]} stage (from {source}); check the order of the checkpoint flags"
+            f"{STAGE_NAMES[held]} stage (from {source}); {hint}"
         )
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ofer.checkpoints import checkpoint_config, load_state, read_checkpoint
+from ofer.checkpoints import check_stage, checkpoint_config, load_state, read_checkpoint
 from ofer.config import Config
 from ofer.flame import FLAME
 from ofer.models.idrank import front_vertex_errors, listnet_loss, load_front_indices, rank_features
@@ -151,6 +151,7 @@ class IdRankTask(nn.Module):
         """Build IdGen from the config saved in its checkpoint (else `idrank.idgen_config`), frozen."""
         path = cfg.idrank.idgen_checkpoint
         ckpt = read_checkpoint(path)
+        check_stage(ckpt, "idgen", path, "idrank.idgen_checkpoint")
         idgen = DiffusionStage(checkpoint_config(ckpt, cfg.idrank.idgen_config), load_weights=False)
         load_state(ckpt, idgen, path)
         idgen.requires_grad_(False).eval()
