@@ -29,6 +29,9 @@ from ofer.models.stages import DiffusionStage
 def training_jaws(data: Path) -> np.ndarray:
     """(K, 3) jaw poses of the training expressions (TEMPEH layout: pose[3:6])."""
     files = sorted((data / "SYNTH" / "FLAME_parameters").glob("*/[0-9]*.npz"))
+    if not files:
+        raise SystemExit(f"{data / 'SYNTH' / 'FLAME_parameters'}: no training expressions; this needs the full "
+                         "synthetic data set (python -m ofer.data.synthetic --out data/synthetic, or demo.py --train)")
     return np.stack([np.load(f)["pose"][3:6] for f in files])
 
 

