@@ -1,4 +1,4 @@
-"""NoW benchmark evaluation: scan-to-mesh distance after landmark and surface alignment (SPEC §12).
+"""NoW benchmark evaluation: scan-to-mesh distance after landmark and surface alignment.
 
 For every image in a list, the predicted neutral mesh (mm) and its 7 landmarks are compared
 with the subject's scan (mm) and the scan's 7 annotated landmarks L0..L6 (outer/inner eye
