@@ -114,3 +114,14 @@ def test_train_cli_reports_a_bad_setting_like_a_bad_key(tmp_path, caplog):
         main("idgen", ["--cfg", str(path)])
     assert code.value.code == 2
     assert f"{path}: config key 'train.checkpoint_steps': 0 is out of range; allowed: >= 1" in caplog.text
+
+
+def test_an_error_from_an_override_names_the_override_besides_the_file(tmp_path):
+    path = tmp_path / "c.yml"
+    path.write_text("stage: idgen\ntrain:\n  max_steps: 10\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["train.log_steps=5", "train.checkpoint_steps=0"])
+    assert str(err.value) == (f"{path}, override 'train.checkpoint_steps=0': config key 'train.checkpoint_steps': "
+                              "0 is out of range; allowed: >= 1")
+    with pytest.raises(ConfigError, match=r"override 'train.max_stepz=3': unknown config key 'train.max_stepz'"):
+        load_config(path, ["train.max_stepz=3"])

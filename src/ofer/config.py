@@ -368,7 +368,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     try:
         return _build_config(data)
     except ConfigError as err:
-        raise ConfigError(f"{path}: {err}" if path is not None else str(err)) from None
+        if path is None:
+            raise
+        # Name the override that set the key the error is about (the last one wins), besides the file.
+        culprit = next((text for text in reversed(overrides or []) if f"'{text.split('=', 1)[0].strip()}'" in str(err)),
+                       None)
+        raise ConfigError(f"{path}{'' if culprit is None else f', override {culprit!r}'}: {err}") from None
 
 
 def config_from_dict(data: dict) -> Config:
