@@ -3,7 +3,6 @@
 import json
 import math
 import shutil
-import sys
 
 import numpy as np
 import pytest
@@ -134,12 +133,18 @@ def test_table_poses_the_jaw_that_test_py_posed(demo_test_set, demo_outputs, tmp
         assert raw[name]["exp_first*"] != pytest.approx(row["exp_first*"], abs=1e-6), name
 
 
-def test_demo_photos_runs_preprocess_and_test(demo_test_set, tmp_path, monkeypatch, capsys):
+@pytest.fixture
+def demo(monkeypatch):
+    """The repository's demo.py, imported as a module."""
+    monkeypatch.syspath_prepend(str(REPO))
+    import demo
+
+    return demo
+
+
+def test_demo_photos_runs_preprocess_and_test(demo, demo_test_set, tmp_path, monkeypatch, capsys):
     """`demo.py --photos DIR --keypoints FILE`: crops, meshes, pictures, and the warning about synthetic models."""
     import cv2
-
-    sys.path.insert(0, str(REPO))
-    import demo
 
     photos = tmp_path / "photos"
     photos.mkdir()
@@ -160,13 +165,11 @@ def test_demo_photos_runs_preprocess_and_test(demo_test_set, tmp_path, monkeypat
     assert "not meaningful" in printed and "python test.py" in printed and "python -m ofer.preprocess" in printed
 
 
-def test_demo_photos_in_a_fresh_folder_makes_the_synthetic_model_first(demo_test_set, tmp_path, monkeypatch, capsys):
+def test_demo_photos_in_a_fresh_folder_makes_the_synthetic_model_first(demo, demo_test_set, tmp_path, monkeypatch,
+                                                                        capsys):
     """`python demo.py --photos DIR` as the first command of a fresh clone: the demo models need the
     synthetic FLAME-format model, which is written first (no data/ yet)."""
     import cv2
-
-    sys.path.insert(0, str(REPO))
-    import demo
 
     photos = tmp_path / "photos"
     photos.mkdir()
@@ -188,19 +191,13 @@ def test_demo_photos_in_a_fresh_folder_makes_the_synthetic_model_first(demo_test
     (["--keypoints", "kps.json"], "--keypoints applies with --photos only"),
     (["--train", "--actors", "0"], "--actors 0: must be at least 1"),
 ])
-def test_demo_refuses_flags_it_would_ignore_or_cannot_use(argv, message, capsys):
-    sys.path.insert(0, str(REPO))
-    import demo
-
+def test_demo_refuses_flags_it_would_ignore_or_cannot_use(demo, argv, message, capsys):
     with pytest.raises(SystemExit) as code:
         demo.main(argv)
     assert code.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_demo_photos_from_a_missing_folder_says_preprocessing_stopped(tmp_path, monkeypatch, caplog):
-    sys.path.insert(0, str(REPO))
-    import demo
-
+def test_demo_photos_from_a_missing_folder_says_preprocessing_stopped(demo, tmp_path, monkeypatch, caplog):
     monkeypatch.chdir(tmp_path)
     ckpt = {stage: BUNDLED / f"{stage}.tar" for stage in STAGES}
     assert demo.photos(tmp_path / "no_photos", None, ckpt, tmp_path / "out") == 2
