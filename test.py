@@ -6,7 +6,7 @@ python test.py --cfg CFG --checkpoint1 IDRANK.tar --checkpoint2 IDGEN.tar --chec
 
 import sys
 
-from ofer.inference.cli import main
+from ofer.entry import run_command
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command("ofer.inference.cli"))  # SIGTERM handled as Ctrl-C from here on

@@ -1,6 +1,6 @@
 """Train ExpGen (see README: Training). Usage: python trainExpGen.py --cfg configs/demo/expgen.yml [--opt key=value] [--resume]"""
 
-from ofer.train.cli import main
+from ofer.entry import run_command
 
 if __name__ == "__main__":
-    main("expgen")
+    run_command("ofer.train.cli", "main", "expgen")  # SIGTERM handled as Ctrl-C from here on

@@ -1,6 +1,6 @@
 """Train IdRank (see README: Training). Usage: python trainIdRank.py --cfg configs/demo/idrank.yml [--opt key=value] [--resume]"""
 
-from ofer.train.cli import main
+from ofer.entry import run_command
 
 if __name__ == "__main__":
-    main("idrank")
+    run_command("ofer.train.cli", "main", "idrank")  # SIGTERM handled as Ctrl-C from here on

@@ -22,10 +22,14 @@ def test_auto_and_cpu_resolve_without_a_gpu(monkeypatch):
     ("cuda", 0, "--device cuda: PyTorch sees no CUDA GPU here"),
     ("cuda:1", 0, "--device cuda:1: PyTorch sees no CUDA GPU here"),
     ("cuda:2", 2, "--device cuda:2: this machine has 2 CUDA device(s), cuda:0 to cuda:1"),
+    ("meta", 0, "--device meta: OFER cannot run on meta devices; use cpu, cuda, cuda:N or auto"),
+    ("xpu", 0, "--device xpu: OFER cannot run on xpu devices"),
+    ("mps", 0, "--device mps: PyTorch has no usable mps device here"),
 ])
 def test_a_device_this_machine_lacks_is_a_config_error(monkeypatch, requested, gpus, message):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     with pytest.raises(ConfigError) as err:
         resolve_device(requested, "--device")
     assert str(err.value).startswith(message)

@@ -10,10 +10,11 @@ from ofer.config import ConfigError
 def resolve_device(requested: str, option: str) -> torch.device:
     """The torch device for ``requested``: ``auto`` is the GPU when PyTorch sees one, else the CPU.
 
-    A value that names no device, or a CUDA device this machine does not have, is a ConfigError
-    that names ``option`` (the flag or config key it came from) and says what would work,
-    instead of PyTorch's error from deep inside the first tensor moved there. Other device
-    types (mps, xpu) are passed on as given.
+    A value that names no device, a device type that cannot run the pipeline (``meta`` holds no
+    data; only cpu, cuda and, where PyTorch has it, Apple's mps are supported) or a device this
+    machine does not have is a ConfigError that names ``option`` (the flag or config key it came
+    from) and says what would work, instead of PyTorch's error from deep inside the first tensor
+    moved there.
     """
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -21,6 +22,11 @@ def resolve_device(requested: str, option: str) -> torch.device:
         device = torch.device(requested)
     except RuntimeError:
         raise ConfigError(f"{option} {requested!r}: not a device; use cpu, cuda, cuda:N or auto") from None
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"{option} {requested}: PyTorch has no usable mps device here; use cpu, cuda or auto")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"{option} {requested}: OFER cannot run on {device.type} devices; use cpu, cuda, cuda:N "
+                          "or auto")
     if device.type != "cuda":
         return device
     if not torch.cuda.is_available():

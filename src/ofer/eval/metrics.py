@@ -31,7 +31,6 @@ import argparse
 import logging
 import math
 import os
-import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,6 +39,7 @@ import numpy as np
 
 from ofer.eval import exit_code, write_json_report
 from ofer.eval.geometry import similarity_procrustes
+from ofer.inference.layout import expression_sample_files, read_marker
 from ofer.io import InputError, load_array, read_mesh
 
 logger = logging.getLogger(__name__)
@@ -132,11 +132,18 @@ def mesh_errors(pred: np.ndarray, gt: np.ndarray, occluded: np.ndarray | None = 
 
 
 def find_samples(out_dir: Path, name: str) -> list[Path]:
-    """Expression sample meshes `<out>/flamesample/<name>_0_<k>.ply`, ordered by k."""
-    pattern = re.compile(rf"^{re.escape(name)}_0_(\d+)\.ply$")
-    folder = out_dir / "flamesample"
-    found = [(int(m.group(1)), p) for p in folder.glob("*.ply") if (m := pattern.match(p.name))]
-    return [p for _, p in sorted(found)]
+    """Expression sample meshes `<out>/flamesample/<name>_0_<k>.ply`, ordered by k.
+
+    When the image has a done marker (test.py's `<name>/done.json`) only the samples it lists
+    are read: files an earlier run left beside them are not part of the reconstruction. A folder
+    written without markers (the original code) is read as found on disk.
+    """
+    found = expression_sample_files(out_dir, name)
+    marker = read_marker(out_dir, name)
+    if marker is not None and isinstance(marker.get("files"), list):
+        listed = set(marker["files"])
+        found = [f for f in found if f in listed]
+    return [out_dir / f for f in found]
 
 
 def evaluate_folder(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, masks_dir: str | os.PathLike | None = None,

@@ -28,9 +28,9 @@ import contextlib
 import dataclasses
 import logging
 import os
+import posixpath
 import signal
 import socket
-import threading
 import time
 import zlib
 from collections.abc import Iterator
@@ -41,7 +41,9 @@ import torch
 
 from ofer.config import Config, ConfigError, load_config
 from ofer.diffusion.samplers import FIXED_SEQUENCE, SAMPLERS
-from ofer.inference.export import done_marker, write_outputs
+from ofer.entry import sigterm_as_interrupt
+from ofer.inference.export import write_outputs
+from ofer.inference.layout import done_marker
 from ofer.inference.outfolder import OutputLock, lock_holder
 from ofer.inference.pipeline import OferPipeline, Reconstruction, load_inputs
 from ofer.inference.ranks import Ranks
@@ -86,38 +88,74 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 ARCFACE_INPUT_FOLDER = "arcface_input"  # the original drops this folder from output names
+# Top-level names of the output folder that belong to the run, not to an image.
+RESERVED_NAMES = ("shapesample", "flamesample", "report", "summary.json")
 
 
-def output_name(entry: Path) -> str:
-    """The name an entry's outputs get: the entry without its image suffix and `arcface_input/` folder."""
-    rel = entry.with_suffix("") if entry.suffix.lower() in IMAGE_SUFFIXES else entry
-    return Path(*[part for part in rel.parts if part != ARCFACE_INPUT_FOLDER]).as_posix()
+def output_name(entry: str | Path) -> str:
+    """The name an entry's outputs get: the entry without its image suffix and `arcface_input/` folder.
+
+    The entry is normalised first (`x/../a` is `a`), so two spellings of one image get one name.
+    Raises InputError for an entry whose outputs would leave the output folder (absolute, or
+    climbing out with `..`) or land on the run's own files (`shapesample/...`, hidden names).
+    """
+    text = str(entry).strip()
+    if posixpath.isabs(text) or Path(text).is_absolute():
+        raise InputError(f"entry '{text}' is an absolute path; list entries are relative to --imagepath")
+    rel = Path(posixpath.normpath(text))
+    rel = rel.with_suffix("") if rel.suffix.lower() in IMAGE_SUFFIXES else rel
+    parts = [part for part in rel.parts if part != ARCFACE_INPUT_FOLDER]
+    if not parts or parts == ["."]:
+        raise InputError(f"entry '{text}' names no image")
+    if parts[0] == "..":
+        raise InputError(f"entry '{text}' leaves the image folder ('..'); its outputs would be written outside "
+                         "--outputpath")
+    if parts[0] in RESERVED_NAMES or any(part.startswith(".") for part in parts):
+        raise InputError(f"entry '{text}' would write over the run's own files ('{parts[0]}' in the output folder); "
+                         "rename the image")
+    return Path(*parts).as_posix()
 
 
 def read_list(list_file: Path, image_root: Path) -> list[tuple[str, Path]]:
     """(output name, image path) per non-empty, non-comment line (`output_name` gives the name).
 
     Raises:
-        InputError: the list is missing, or two entries would write the same output name.
+        InputError: the list or the image folder is missing, the list is not UTF-8 text or lists
+            no image, an entry would write outside the output folder, or two entries would write
+            the same output name. Messages name the file and the line.
     """
     if not list_file.is_file():
         raise InputError(f"{list_file}: image list not found")
+    if not image_root.is_dir():
+        raise InputError(f"--imagepath {image_root}: folder not found (list entries are relative to it)")
+    try:
+        lines = list_file.read_bytes().decode("utf-8-sig").splitlines()
+    except UnicodeDecodeError as err:
+        line = list_file.read_bytes()[: err.start].count(b"\n") + 1
+        raise InputError(f"{list_file}: line {line} is not UTF-8 text; the image list must be a UTF-8 text file, "
+                         "one image per line") from None
     entries: list[tuple[str, Path]] = []
     seen: dict[str, str] = {}
-    for line in list_file.read_text().splitlines():
+    for number, line in enumerate(lines, 1):
         entry = line.strip()
         if not entry or entry.startswith("#"):
             continue
-        rel = Path(entry)
-        name = output_name(rel)
+        try:
+            name = output_name(entry)
+        except InputError as err:
+            raise InputError(f"{list_file}: line {number}: {err}") from None
         if name in seen:
-            raise InputError(f"{list_file}: entries '{seen[name]}' and '{entry}' would both write outputs named '{name}'")
+            raise InputError(f"{list_file}: line {number}: entries '{seen[name]}' and '{entry}' would both write "
+                             f"outputs named '{name}'")
         seen[name] = entry
-        if rel.suffix.lower() in IMAGE_SUFFIXES:
+        rel = posixpath.normpath(entry)
+        if Path(rel).suffix.lower() in IMAGE_SUFFIXES:
             entries.append((name, image_root / rel))
             continue
-        candidates = [image_root / f"{entry}{suffix}" for suffix in IMAGE_SUFFIXES]
+        candidates = [image_root / f"{rel}{suffix}" for suffix in IMAGE_SUFFIXES]
         entries.append((name, next((c for c in candidates if c.is_file()), candidates[0])))
+    if not entries:
+        raise InputError(f"{list_file}: lists no image (only empty lines or # comments)")
     return entries
 
 
@@ -142,17 +180,12 @@ def main(argv: list[str] | None = None) -> int:
 @contextlib.contextmanager
 def sigterm_interrupts() -> Iterator[None]:
     """Turn SIGTERM (a scheduler or torchrun stopping the job) into KeyboardInterrupt, like Ctrl-C."""
-    def interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = sigterm_as_interrupt()
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def run(args: argparse.Namespace, ranks: Ranks) -> int:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ofer.config import Config
-from ofer.inference.export import done_marker
+from ofer.inference.layout import read_marker
 from ofer.io import atomic_write
 
 PARTS = ".test-parts"
@@ -64,14 +64,6 @@ def run_settings(cfg: Config, args: argparse.Namespace) -> dict:
     return {**test, "jaw_scale": cfg.model.jaw_scale, "numcheckpoint": args.numcheckpoint,
             "idrank": checkpoint(args.checkpoint1), "idgen": checkpoint(args.checkpoint2),
             "expgen": checkpoint(args.checkpoint3)}
-
-
-def read_marker(out: Path, name: str) -> dict | None:
-    """The done marker of `name`, or None when the image has no (readable) outputs."""
-    try:
-        return json.loads(done_marker(out, name).read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def _settings_groups(markers: dict[str, dict | None]) -> list[dict]:
