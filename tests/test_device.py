@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from conftest import REPO
+from ofer import api
 from ofer.config import ConfigError
 from ofer.device import resolve_device
-from ofer.inference import cli
 from test_inference import run
 
 
@@ -37,7 +37,7 @@ def test_a_device_this_machine_lacks_is_a_config_error(monkeypatch, requested, g
 
 def test_test_py_refuses_a_missing_gpu_before_any_work(synthetic_root, checkpoints, tmp_path, caplog, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(cli.OferPipeline, "from_checkpoints", lambda *a: pytest.fail("models were loaded"))
+    monkeypatch.setattr(api.OferPipeline, "from_checkpoints", lambda *a: pytest.fail("models were loaded"))
     out = tmp_path / "out"
     listing = synthetic_root / "test" / "list.txt"
     assert run(synthetic_root, checkpoints, listing, synthetic_root / "test", out, "--device", "cuda") == 2

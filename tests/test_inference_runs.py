@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from ofer.inference import cli
+from ofer import api
 from ofer.inference.outfolder import LOCK_NAME, OutputFolderError, OutputLock
 from ofer.inference.summary import RankReport, RunPlan, write_summary
 from test_inference import run
@@ -62,7 +62,7 @@ def test_samples_depend_on_seed_and_name_only(synthetic_root, checkpoints, names
 
 def test_a_batch_with_nan_inside_the_networks_fails_only_the_bad_image(synthetic_root, checkpoints, names, batched,
                                                                       tmp_path, monkeypatch):
-    load = cli.load_inputs
+    load = api.load_inputs
 
     def load_with_nan(path):  # as if a NaN slipped past the input checks
         image, arcface = load(path)
@@ -70,7 +70,7 @@ def test_a_batch_with_nan_inside_the_networks_fails_only_the_bad_image(synthetic
             arcface[0, 0, 0] = float("nan")
         return image, arcface
 
-    monkeypatch.setattr(cli, "load_inputs", load_with_nan)
+    monkeypatch.setattr(api, "load_inputs", load_with_nan)
     out = tmp_path / "out"
     assert run(synthetic_root, checkpoints, synthetic_root / "test" / "list.txt", synthetic_root / "test", out,
                "--batch", "3") == 1
@@ -116,7 +116,7 @@ def test_an_unusable_output_folder_is_refused_before_any_work(synthetic_root, ch
     def never(*args, **kwargs):
         raise AssertionError("models were loaded")
 
-    monkeypatch.setattr(cli.OferPipeline, "from_checkpoints", never)
+    monkeypatch.setattr(api.OferPipeline, "from_checkpoints", never)
     listing = synthetic_root / "test" / "list.txt"
     (tmp_path / "file").write_text("a regular file")
     assert run(synthetic_root, checkpoints, listing, synthetic_root / "test", tmp_path / "file" / "out") == 2
@@ -134,7 +134,7 @@ def test_a_second_run_into_a_locked_folder_is_refused(synthetic_root, checkpoint
     out.mkdir()
     first = OutputLock(out)
     first.acquire()
-    monkeypatch.setattr(cli.OferPipeline, "from_checkpoints", lambda *a: pytest.fail("models were loaded"))
+    monkeypatch.setattr(api.OferPipeline, "from_checkpoints", lambda *a: pytest.fail("models were loaded"))
     assert run(synthetic_root, checkpoints, synthetic_root / "test" / "list.txt", synthetic_root / "test", out) == 2
     assert f"output folder {out} is in use by test.py pid {os.getpid()} on {socket.gethostname()}" in caplog.text
     assert not (out / "summary.json").exists()
@@ -161,7 +161,7 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
 
 def test_an_interrupted_run_writes_its_summary_and_frees_the_folder(synthetic_root, checkpoints, names, tmp_path,
                                                                     monkeypatch):
-    write = cli.write_outputs
+    write = api.write_outputs
     written = []
 
     def write_then_stop(out, name, *args):
@@ -170,7 +170,7 @@ def test_an_interrupted_run_writes_its_summary_and_frees_the_folder(synthetic_ro
         written.append(name)
         return write(out, name, *args)
 
-    monkeypatch.setattr(cli, "write_outputs", write_then_stop)
+    monkeypatch.setattr(api, "write_outputs", write_then_stop)
     out = tmp_path / "out"
     assert run(synthetic_root, checkpoints, synthetic_root / "test" / "list.txt", synthetic_root / "test", out) == 130
     summary = json.loads((out / "summary.json").read_text())

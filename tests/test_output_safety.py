@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from conftest import REPO
+from ofer import api
 from ofer.eval.metrics import find_samples
 from ofer.flame import FLAME
-from ofer.inference import cli, export
+from ofer.inference import export
 from ofer.inference.cli import read_list
 from ofer.inference.export import write_outputs
 from ofer.inference.pipeline import Reconstruction
@@ -158,7 +159,7 @@ def test_a_list_escaping_the_output_folder_writes_nothing_anywhere(synthetic_roo
     (tmp_path / "crops").mkdir()
     (tmp_path / "list.txt").write_text(f"../imgs/{name}\n")
     before = snapshot(tmp_path)
-    monkeypatch.setattr(cli.OferPipeline, "from_checkpoints", lambda *a: pytest.fail("models were loaded"))
+    monkeypatch.setattr(api.OferPipeline, "from_checkpoints", lambda *a: pytest.fail("models were loaded"))
     assert run(synthetic_root, checkpoints, tmp_path / "list.txt", tmp_path / "crops", tmp_path / "out") == 2
     assert "leaves the image folder" in caplog.text
     assert snapshot(tmp_path) == before and not (tmp_path / "out").exists()
@@ -169,7 +170,7 @@ def test_nothing_to_do_is_refused_before_loading_models(synthetic_root, checkpoi
                                                         case):
     listing = tmp_path / "list.txt"
     listing.write_text("# only a comment\n" if case == "empty list" else "a.jpg\n")
-    monkeypatch.setattr(cli.OferPipeline, "from_checkpoints", lambda *a: pytest.fail("models were loaded"))
+    monkeypatch.setattr(api.OferPipeline, "from_checkpoints", lambda *a: pytest.fail("models were loaded"))
     image_dir = tmp_path if case == "empty list" else tmp_path / "nowhere"
     assert run(synthetic_root, checkpoints, listing, image_dir, tmp_path / "out") == 2
     assert ("lists no image" if case == "empty list" else "--imagepath") in caplog.text

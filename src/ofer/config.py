@@ -376,6 +376,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(f"{path}{'' if culprit is None else f', override {culprit!r}'}: {err}") from None
 
 
+def override_config(cfg: Config, overrides: list[str]) -> Config:
+    """`cfg` with dotted overrides applied (as `load_config`'s), validated again."""
+    data = config_to_dict(cfg)
+    for text in overrides:
+        data = _merge(data, parse_override(text))
+    return _build_config(data)
+
+
 def config_from_dict(data: dict) -> Config:
     """Validate a plain dict (e.g. the config saved in a checkpoint) into a Config."""
     return _build_config(data)

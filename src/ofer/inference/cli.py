@@ -25,30 +25,34 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import logging
 import os
 import posixpath
 import signal
 import socket
 import time
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from ofer.api import (
+    SAMPLING_KEYS,
+    ImageError,
+    checkpoint_records,
+    from_config,
+    image_failure,
+    run_settings,
+    sampling_overrides,
+)
 from ofer.config import Config, ConfigError, load_config
-from ofer.diffusion.samplers import FIXED_SEQUENCE, SAMPLERS
+from ofer.diffusion.samplers import SAMPLERS
 from ofer.entry import sigterm_as_interrupt
-from ofer.inference.export import write_outputs
 from ofer.inference.layout import done_marker
 from ofer.inference.outfolder import OutputLock, lock_holder
-from ofer.inference.pipeline import OferPipeline, Reconstruction, load_inputs
 from ofer.inference.ranks import Ranks
-from ofer.inference.summary import RankReport, RunPlan, remove_reports, run_settings, write_summary
-from ofer.io import InputError, OutputFolderError, check_output_folder, failure_reason
+from ofer.inference.summary import RankReport, RunPlan, remove_reports, write_summary
+from ofer.io import InputError, OutputFolderError, check_output_folder
 from ofer.progress import progress
 
 log = logging.getLogger("ofer.test")
@@ -193,28 +197,20 @@ def run(args: argparse.Namespace, ranks: Ranks) -> int:
     if args.batch < 1:
         raise ConfigError(f"--batch {args.batch}: must be at least 1")
     device = ranks.device(args.device)
-    # A fixed-sequence sampler flag without --steps drops the config file's steps (meant for its sampler);
-    # steps set with --opt or --steps are kept and refused with it.
-    overrides = [f"test.{key}=null" for sampler, steps, key in (
-        (args.sampler, args.steps, "steps"), (args.exp_sampler, args.exp_steps, "exp_steps"))
-        if sampler in FIXED_SEQUENCE and steps is None]
-    overrides += args.opt
-    for flag, key in (("num_shapes", "numsamples"), ("num_expressions", "num_expressions"), ("sampler", "sampling"),
-                      ("steps", "steps"), ("exp_sampler", "exp_sampling"), ("exp_steps", "exp_steps"), ("seed", "seed"),
-                      ("dtype", "dtype"), ("compile", "compile")):
-        if getattr(args, flag) is not None:
-            overrides.append(f"test.{key}={getattr(args, flag)}")
+    overrides = sampling_overrides({flag: getattr(args, flag) for flag in SAMPLING_KEYS}, args.opt)
     cfg = load_config(args.cfg, overrides)
     if args.numcheckpoint is not None and args.numcheckpoint != 3:
         log.warning("--numcheckpoint %d ignored: test.py always takes the three checkpoints --checkpoint1..3, "
                     "and output names use index 0 as the original's do", args.numcheckpoint)
     out = Path(args.outputpath)
     entries = read_list(Path(args.filename), Path(args.imagepath))
-    settings = run_settings(cfg, args)
+    checkpoints = {"idrank": args.checkpoint1, "idgen": args.checkpoint2, "expgen": args.checkpoint3}
+    records = checkpoint_records(checkpoints)
+    settings = run_settings(cfg, cfg.test, records)
     lock = OutputLock(out)
     try:
         plan = start_run(out, entries, args.overwrite, lock, ranks)
-        return reconstruct_shard(args, cfg, out, plan, settings, ranks, device)
+        return reconstruct_shard(args, cfg, checkpoints, records, out, plan, settings, ranks, device)
     finally:
         if ranks.rank == 0:
             lock.release()
@@ -251,8 +247,8 @@ def start_run(out: Path, entries: list[tuple[str, Path]], overwrite: bool, lock:
     return plan
 
 
-def reconstruct_shard(args: argparse.Namespace, cfg: Config, out: Path, plan: RunPlan, settings: dict,
-                      ranks: Ranks, device: torch.device) -> int:
+def reconstruct_shard(args: argparse.Namespace, cfg: Config, checkpoints: dict[str, str], records: dict[str, dict],
+                      out: Path, plan: RunPlan, settings: dict, ranks: Ranks, device: torch.device) -> int:
     """Reconstruct this rank's share of the plan on `device`, report it, and (rank 0) write the run's summary.json."""
     mine = ranks.shard(plan.todo)
     report = RankReport(ranks.rank, str(device))
@@ -262,15 +258,20 @@ def reconstruct_shard(args: argparse.Namespace, cfg: Config, out: Path, plan: Ru
     start = time.perf_counter()
     completed = False
     try:
-        pipeline = OferPipeline.from_checkpoints(cfg, args.checkpoint1, args.checkpoint2, args.checkpoint3, device)
-        provenance = {"settings": settings, "run": plan.run_id}
+        model = from_config(cfg, checkpoints["idrank"], checkpoints["idgen"], checkpoints["expgen"], device, records)
+        report.load_seconds = time.perf_counter() - start
         desc = "images" if ranks.world == 1 else f"images (rank 0 of {ranks.world})"
         with progress(total=len(mine), desc=desc, unit="img", disable=ranks.rank > 0) as bar:
-            for i in range(0, len(mine), args.batch):
-                for name, reason in reconstruct_batch(pipeline, mine[i : i + args.batch], cfg, out, provenance):
-                    if reason is not None:
-                        report.failed[name] = reason
-                    bar.update(1)
+            for name, result in model.iter_crops(mine, args.batch, cfg.test):
+                if isinstance(result, ImageError):
+                    report.failed[name] = result.reason
+                else:
+                    try:
+                        result.save(out, run=plan.run_id)
+                    except Exception as err:
+                        report.failed[name] = image_failure(name, f"outputs of {name} could not be written to {out}",
+                                                            err).reason
+                bar.update(1)
         completed = True
     except KeyboardInterrupt:
         report.interrupted = True
@@ -297,77 +298,3 @@ def reconstruct_shard(args: argparse.Namespace, cfg: Config, out: Path, plan: Ru
     for note in summary["notes"]:
         print(f"note: {note}")
     return EXIT_FAILED if summary["failed"] or summary["not_processed"] else EXIT_OK
-
-
-def reconstruct_batch(pipeline: OferPipeline, items: list[tuple[str, Path]], cfg: Config, out: Path,
-                      provenance: dict) -> Iterator[tuple[str, str | None]]:
-    """Load, check, reconstruct and write a batch; yield (name, None) or (name, why it failed) per image.
-
-    Any exception of one image (not only ours) fails that image alone; KeyboardInterrupt ends the run.
-    """
-    loaded = []
-    for name, path in items:
-        try:
-            loaded.append((name, *load_inputs(path)))
-        except Exception as err:
-            yield name, failure(name, f"{path}: cannot be used", err)
-    faces = pipeline.flame.faces.cpu().numpy()
-    for (name, _, arcface), result in zip(loaded, reconstruct(pipeline, loaded, cfg.test.seed)):
-        if isinstance(result, Exception):
-            yield name, failure(name, f"{dict(items)[name]}: reconstruction failed", result)
-            continue
-        try:
-            write_outputs(out, name, result, faces, arcface.numpy(), cfg.test.num_saved_expressions, provenance)
-        except Exception as err:
-            yield name, failure(name, f"outputs of {name} could not be written to {out}", err)
-            continue
-        yield name, None
-
-
-def failure(name: str, context: str, err: Exception) -> str:
-    """The reason an image failed (`failure_reason`, `context` naming the file), logged; the traceback at debug."""
-    reason = failure_reason(err, context)
-    log.error("%s failed: %s", name, reason)
-    log.debug("traceback of %s", name, exc_info=err)
-    return reason
-
-
-def image_generator(seed: int, name: str, device: torch.device) -> torch.Generator:
-    """The source of one image's noise: its samples depend on `seed` and its name only.
-
-    The seed is the CRC-32 of the name computed from `seed` as initial value: 32 bits, as the
-    CPU generator uses only those, and different for every seed of one name.
-    """
-    return torch.Generator(device).manual_seed(zlib.crc32(name.encode(), seed % 2**32))
-
-
-def reconstruct(pipeline: OferPipeline, loaded: list[tuple[str, torch.Tensor, torch.Tensor]],
-                seed: int) -> list[Reconstruction | Exception]:
-    """One result per image; the images of a batch that fails are tried again one at a time."""
-    results = attempt(pipeline, loaded, seed)
-    if len(loaded) > 1:
-        for i, result in enumerate(results):
-            if isinstance(result, Exception):
-                log.warning("%s failed in a batch of %d (%s); trying it alone", loaded[i][0], len(loaded), result)
-                results[i] = attempt(pipeline, loaded[i : i + 1], seed)[0]
-    return results
-
-
-def attempt(pipeline: OferPipeline, loaded: list[tuple[str, torch.Tensor, torch.Tensor]],
-            seed: int) -> list[Reconstruction | Exception]:
-    """Run the pipeline on `loaded` (name, crop, arcface) together; a result with NaN or Inf is an error."""
-    if not loaded:
-        return []
-    generators = [image_generator(seed, name, pipeline.device) for name, _, _ in loaded]
-    try:
-        recs = pipeline(torch.stack([l[1] for l in loaded]), torch.stack([l[2] for l in loaded]), generators)
-    except Exception as err:
-        return [err] * len(loaded)
-    return [check_finite(rec) for rec in recs]
-
-
-def check_finite(rec: Reconstruction) -> Reconstruction | Exception:
-    """`rec`, or an error naming its fields with NaN or infinite values (never written)."""
-    bad = [f.name for f in dataclasses.fields(rec)
-           if isinstance(getattr(rec, f.name), np.ndarray) and not np.isfinite(getattr(rec, f.name)).all()]
-    return ValueError(f"the networks produced NaN or infinite values ({', '.join(bad)})") if bad else rec

@@ -50,13 +50,14 @@ ARCFACE_RANGE = (-1.05, 1.05)
 MAX_CROP_PIXELS = 4096 * 4096  # a face crop (224 expected, others are resized); anything larger is not one
 
 
-def load_inputs(image_path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+def load_inputs(image_path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
     """Read and check one preprocessed face: the 224 crop (.jpg) and its ArcFace array (.npy beside it).
 
     Returns the CLIP-normalised crop (3, 224, 224) and the ArcFace input (3, 112, 112).
     Errors (InputError) name the file and what is wrong: missing, undecodable or huge image;
     non-numeric, misshapen, non-finite or out-of-range array.
     """
+    image_path = Path(image_path)
     crop = read_image(image_path, max_pixels=MAX_CROP_PIXELS)
     arcface = load_array(image_path.with_suffix(".npy"), (3, 112, 112), ARCFACE_RANGE).astype(np.float32)
     return torch.from_numpy(clip_normalise_bgr(crop_to_clip_input(crop))), torch.from_numpy(arcface)
@@ -79,16 +80,33 @@ def same_weights(a: nn.Module, b: nn.Module) -> bool:
     )
 
 
+def check_settings(test: TestConfig, idgen: DiffusionStage, expgen: DiffusionStage, sources: tuple[str, str]) -> None:
+    """ConfigError for sampling settings the stages would refuse, or invalid `test.jaw_limits`."""
+    idgen.check_sampling(test.sampling, test.steps, "test.sampling, test.steps", f"the IdGen of {sources[0]}")
+    expgen.check_sampling(test.exp_sampling, test.exp_steps, "test.exp_sampling, test.exp_steps",
+                          f"the ExpGen of {sources[1]}")
+    if test.jaw_limits is not None:
+        try:
+            jaw_limits_array(test.jaw_limits)
+        except ValueError as err:
+            raise ConfigError(f"config key test.jaw_limits: {err}") from None
+
+
 class OferPipeline:
     """IdGen + IdRank + ExpGen + FLAME, ready to reconstruct batches of preprocessed faces."""
 
     def __init__(self, idgen: DiffusionStage, idrank: IdRank, expgen: DiffusionStage, flame: FLAME,
-                 front_idx: torch.Tensor, test: TestConfig, jaw_scale: float, device: torch.device):
+                 front_idx: torch.Tensor, test: TestConfig, jaw_scale: float, device: torch.device,
+                 original: tuple[bool, bool, bool] = (False, False, False), sources: tuple[str, str, str] = ("", "", "")):
+        """`original`: whether IdGen's, ExpGen's and IdRank's weights come from original OFER files
+        (for `test.arcface_single_image_bn`); `sources`: their files, named in setting errors."""
         self.idgen, self.idrank, self.expgen = (m.to(device).eval() for m in (idgen, idrank, expgen))
         self.flame = flame.to(device)
         self.front_idx = front_idx.to(device)
-        self.test, self.jaw_scale, self.device = test, jaw_scale, device
+        self.jaw_scale, self.device, self.original, self.sources = jaw_scale, device, original, sources
         self.n_exp = expgen.flame_dim - 3
+        self.check_settings(test)
+        self.test = test
         # Encoder pairs with equal weights, compared once; attributes are compared per call.
         encoders = [e for stage in (self.idgen, self.idrank, self.expgen) for e in (stage.farl, stage.arcface)
                     if e is not None]
@@ -113,26 +131,30 @@ class OferPipeline:
             stages[name] = (stage_cfg, ckpt, path)
         idgen = DiffusionStage(stages["idgen"][0], load_weights=False)
         expgen = DiffusionStage(stages["expgen"][0], load_weights=False)
-        # Settings every image would fail with are refused now, before any image.
-        idgen.check_sampling(cfg.test.sampling, cfg.test.steps, "test.sampling, test.steps", f"the IdGen of {idgen_path}")
-        expgen.check_sampling(cfg.test.exp_sampling, cfg.test.exp_steps, "test.exp_sampling, test.exp_steps",
-                              f"the ExpGen of {expgen_path}")
-        if cfg.test.jaw_limits is not None:
-            try:
-                jaw_limits_array(cfg.test.jaw_limits)
-            except ValueError as err:
-                raise ConfigError(f"config key test.jaw_limits: {err}") from None
+        # Settings every image would fail with are refused now, before any image (or weight) is read.
+        check_settings(cfg.test, idgen, expgen, (str(idgen_path), str(expgen_path)))
         flame = FLAME(cfg.model.flame_model_path, n_shape=idgen.flame_dim, n_exp=expgen.flame_dim - 3,
                       landmark_embedding_path=cfg.model.flame_lmk_embedding_path)
         front_idx = load_front_indices(cfg.model.front_indices_path, flame.num_vertices)
         idrank = IdRank(stages["idrank"][0], shape_dim=3 * len(front_idx), load_weights=False)
-        # The original encodes IdRank's image alone, IdGen's/ExpGen's once per sample drawn.
-        alone = (cfg.test.numsamples == 1, cfg.test.num_expressions == 1, True)
-        for module, (_, ckpt, path), encoded_alone in zip((idgen, expgen, idrank), stages.values(), alone):
+        for module, (_, ckpt, path) in zip((idgen, expgen, idrank), stages.values()):
             load_state(ckpt, module, path)
-            configure_single_image_bn(module.arcface, cfg.test.arcface_single_image_bn, is_original(ckpt),
-                                      encoded_alone)
-        return cls(idgen, idrank, expgen, flame, front_idx, cfg.test, cfg.model.jaw_scale, device)
+        original = tuple(is_original(ckpt) for _, ckpt, _ in stages.values())
+        return cls(idgen, idrank, expgen, flame, front_idx, cfg.test, cfg.model.jaw_scale, device, original,
+                   (str(idgen_path), str(expgen_path), str(idrank_path)))
+
+    def check_settings(self, test: TestConfig) -> None:
+        """Refuse sampling settings (ConfigError) that every image would fail with, for these models."""
+        check_settings(test, self.idgen, self.expgen, self.sources[:2])
+
+    def _configure_encoders(self, test: TestConfig) -> None:
+        """ArcFace's final BN per stage as the original ran it for these settings (`arcface_single_image_bn`).
+
+        The original encodes IdRank's image alone, IdGen's/ExpGen's once per sample drawn.
+        """
+        alone = (test.numsamples == 1, test.num_expressions == 1, True)
+        for stage, original, encoded_alone in zip((self.idgen, self.expgen, self.idrank), self.original, alone):
+            configure_single_image_bn(stage.arcface, test.arcface_single_image_bn, original, encoded_alone)
 
     def encode(self, image: torch.Tensor, arcface: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The IdGen, IdRank and ExpGen contexts; each distinct encoder runs once."""
@@ -152,14 +174,19 @@ class OferPipeline:
 
     @torch.no_grad()
     def __call__(self, image: torch.Tensor, arcface: torch.Tensor,
-                 generator: torch.Generator | list[torch.Generator]) -> list[Reconstruction]:
+                 generator: torch.Generator | list[torch.Generator],
+                 test: TestConfig | None = None) -> list[Reconstruction]:
         """image (B, 3, 224, 224) CLIP-normalised, arcface (B, 3, 112, 112) -> B reconstructions.
 
-        `generator`: one generator, or one per image (`ofer.diffusion.noise`). With
-        `test.dtype = bfloat16` the encoders and denoisers run under bfloat16 autocast;
+        `generator`: one generator, or one per image (`ofer.diffusion.noise`). `test`: the sampling
+        settings of this call (default: the pipeline's, `self.test`), checked by `check_settings`
+        first. With `test.dtype = bfloat16` the encoders and denoisers run under bfloat16 autocast;
         IdRank and FLAME stay in float32.
         """
-        t = self.test
+        t = self.test if test is None else test
+        if t is not self.test:
+            self.check_settings(t)
+        self._configure_encoders(t)
         image, arcface = image.to(self.device), arcface.to(self.device)
         b = image.shape[0]
         dtype = torch.bfloat16 if t.dtype == "bfloat16" else torch.float32

@@ -11,16 +11,13 @@ fails, and a rank that never reported is named in it.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import fcntl
 import json
 import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ofer.config import Config
 from ofer.inference.layout import read_marker
 from ofer.io import atomic_write
 
@@ -46,24 +43,12 @@ class RankReport:
     device: str
     failed: dict[str, str] = field(default_factory=dict)  # name -> reason (file, what is wrong)
     interrupted: bool = False
-    seconds: float = 0.0
+    seconds: float = 0.0  # from the start of loading the models to the end of the shard
+    load_seconds: float = 0.0  # loading the models (and importing what the samplers use first)
 
     def save(self, out: Path) -> None:
         with atomic_write(out / PARTS / f"rank{self.rank}.json") as tmp:
             tmp.write_text(json.dumps(dataclasses.asdict(self)))
-
-
-def run_settings(cfg: Config, args: argparse.Namespace) -> dict:
-    """Everything that decides an image's outputs besides its input: sampling, models, naming."""
-    def checkpoint(path: str) -> dict:  # where, and when it was written (a retrained file has a new time)
-        resolved = Path(path).resolve()
-        stamp = time.localtime(resolved.stat().st_mtime) if resolved.is_file() else None
-        return {"path": str(resolved), "modified": stamp and time.strftime("%Y-%m-%d %H:%M:%S", stamp)}
-
-    test = {k: v for k, v in dataclasses.asdict(cfg.test).items() if not k.endswith("_config")}
-    return {**test, "jaw_scale": cfg.model.jaw_scale, "numcheckpoint": args.numcheckpoint,
-            "idrank": checkpoint(args.checkpoint1), "idgen": checkpoint(args.checkpoint2),
-            "expgen": checkpoint(args.checkpoint3)}
 
 
 def _settings_groups(markers: dict[str, dict | None]) -> list[dict]:
@@ -109,6 +94,9 @@ def write_summary(out: Path, plan: RunPlan, settings: dict, world: int) -> dict:
         if plan.listed and not plan.todo:
             notes.append("nothing to do: every listed image already has outputs; --overwrite redoes them")
         seconds = max((r.seconds for r in reports.values()), default=0.0)
+        load = max((r.load_seconds for r in reports.values()), default=0.0)
+        # Per image: the slowest rank's reconstruction time (without its one-time loading) per image reconstructed.
+        per_image = max((r.seconds - r.load_seconds for r in reports.values()), default=0.0) / max(len(reconstructed), 1)
         summary = {
             "reconstructed": reconstructed,
             "skipped_already_done": plan.finished,
@@ -116,7 +104,8 @@ def write_summary(out: Path, plan: RunPlan, settings: dict, world: int) -> dict:
             "not_processed": not_processed,
             "interrupted": any(r.interrupted for r in reports.values()) or len(reports) < world,
             "seconds": round(seconds, 2),
-            "seconds_per_image": round(seconds / max(len(reconstructed), 1), 3),
+            "load_seconds": round(load, 2),
+            "seconds_per_image": round(per_image, 3),
             "device": ", ".join(sorted({r.device for r in reports.values()})),
             "world_size": world,
             "settings": settings,
