@@ -218,3 +218,25 @@ def test_bundle_write_failure_names_the_file(tmp_path, monkeypatch, caplog):
     assert bundle.main(["--checkpoint", str(BUNDLED / "idgen.tar"), "--out", str(out)]) == 1
     assert any(str(out) in r.getMessage() and "could not be written" in r.getMessage() for r in caplog.records)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_table_from_the_command_line_for_any_output_folder(demo_test_set, demo_outputs, tmp_path, capsys):
+    """`python -m ofer.eval.synthetic_table` prints demo.py's table, posing the jaw with the run's recorded
+    settings; images without outputs are listed and the exit code says so."""
+    from ofer.eval import EXIT_COMPLETE, EXIT_MISSING, exit_code
+    from ofer.eval.synthetic_table import main
+
+    cfg = load_config(DEMO_TEST_CFG)
+    expected = synthetic_table(demo_outputs, demo_test_set, cfg.model.jaw_scale, cfg.test.jaw_limits)
+    assert exit_code(main, ["--pred", str(demo_outputs), "--data", str(demo_test_set)]) == EXIT_COMPLETE
+    printed = capsys.readouterr().out
+    assert format_table(expected) in printed
+    partial = tmp_path / "out"
+    shutil.copytree(demo_outputs, partial)
+    name = (demo_test_set / "test" / "list.txt").read_text().split()[1]
+    (partial / "shapesample" / f"{name}_0.ply").unlink()
+    assert exit_code(main, ["--pred", str(partial), "--data", str(demo_test_set), "--out", str(tmp_path / "t.json")]) \
+        == EXIT_MISSING
+    report = json.loads((tmp_path / "t.json").read_text())
+    assert report["missing"] == [name] and name not in report["rows"]
+    assert f"no outputs for 1 of 4 images: {name}" in capsys.readouterr().out

@@ -120,3 +120,24 @@ def test_command_refuses_a_missing_prediction_folder_in_one_line(tmp_path, caplo
     for k, sample in enumerate(SAMPLES):
         write_ply(tmp_path / "no_out" / "flamesample" / f"scan_0_{k}.ply", sample, faces)
     assert exit_code(main, argv) == EXIT_COMPLETE
+
+
+def test_rows_follow_the_list_and_show_the_neutral_baseline(tmp_path, capsys):
+    faces = np.array([[0, 1, 2], [0, 2, 3]])
+    out, gt_dir = tmp_path / "out", tmp_path / "gt"
+    for name in ("b", "a", "c"):
+        write_ply(gt_dir / f"{name}.ply", GT, faces)
+        for k, sample in enumerate(SAMPLES):
+            write_ply(out / "flamesample" / f"{name}_0_{k}.ply", sample, faces)
+    write_ply(out / "shapesample" / "b_0.ply", GT + [0.0, 0.5, 0.0], faces)
+    (out / "summary.json").write_text(json.dumps({"listed": ["c", "b", "a"]}))  # test.py records its list's order
+    report = main(["--pred", str(out), "--gt", str(gt_dir)])
+    assert list(report["per_image"]) == ["c", "b", "a"]
+    printed = capsys.readouterr().out
+    assert "neut/all" in printed and "neut = IdRank's neutral shape" in printed
+    [b_row] = [line for line in printed.splitlines() if line.startswith("b ")]
+    assert b_row.split()[-1] == "0.500"  # the baseline of the image that has a shapesample
+    assert [line.split()[-1] for line in printed.splitlines() if line.startswith(("a ", "c "))] == ["-", "-"]
+    (tmp_path / "list.txt").write_text("a.jpg\n# skipped\narcface_input/b.jpg\n")
+    assert list(main(["--pred", str(out), "--gt", str(gt_dir), "--list", str(tmp_path / "list.txt")])["per_image"]) \
+        == ["a", "b", "c"]

@@ -19,7 +19,7 @@ from ofer.inference import export
 from ofer.inference.cli import read_list
 from ofer.inference.export import write_outputs
 from ofer.inference.pipeline import Reconstruction
-from ofer.io import InputError, WriteError
+from ofer.io import InputError, WriteError, read_mesh
 from test_inference import run
 
 
@@ -41,10 +41,10 @@ def reconstruction(flame: FLAME, num_expressions: int, offset: float = 0.0) -> R
                           kpt68_mm=kpt68[0].numpy(), kpt7_mm=kpt7[0].numpy())
 
 
-def write(out, name, flame, num_saved, offset=0.0, provenance=None):
+def write(out, name, flame, num_saved, offset=0.0, provenance=None, mesh_format="ply"):
     arcface = np.zeros((3, 112, 112), np.float32)
     return write_outputs(out, name, reconstruction(flame, num_saved, offset), flame.faces.numpy(), arcface, num_saved,
-                         provenance)
+                         provenance, mesh_format)
 
 
 def snapshot(folder):
@@ -67,7 +67,7 @@ def failing_after(calls: int, real):
 def test_a_failed_write_leaves_none_of_the_images_files(flame, tmp_path, monkeypatch, name):
     out = tmp_path / "out"
     out.mkdir()
-    monkeypatch.setattr(export, "write_ply", failing_after(2, export.write_ply))  # the neutral + one sample
+    monkeypatch.setitem(export.MESH_WRITERS, ".ply", failing_after(2, export.MESH_WRITERS[".ply"]))  # 2 meshes
     with pytest.raises(WriteError, match="No space left"):
         write(out, name, flame, num_saved=3)
     assert snapshot(out) == {} and list(out.iterdir()) == []  # no file, no empty folder of the image
@@ -77,7 +77,7 @@ def test_a_failed_overwrite_keeps_the_earlier_set_whole(flame, tmp_path, monkeyp
     out = tmp_path / "out"
     write(out, "a", flame, num_saved=3, provenance={"run": "first"})
     before = snapshot(out)
-    monkeypatch.setattr(export, "write_ply", failing_after(1, export.write_ply))
+    monkeypatch.setitem(export.MESH_WRITERS, ".ply", failing_after(1, export.MESH_WRITERS[".ply"]))
     with pytest.raises(WriteError):
         write(out, "a", flame, num_saved=3, offset=5.0, provenance={"run": "second"})
     assert snapshot(out) == before  # old meshes, old marker: nothing mixed, nothing lost
@@ -199,3 +199,16 @@ def test_sigterm_while_the_command_imports_exits_as_interrupted(tmp_path, script
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 130 and "interrupted while starting; nothing was done" in err
+
+
+def test_meshes_as_obj_or_both_read_back_the_same(flame, tmp_path):
+    out = tmp_path / "out"
+    write(out, "a", flame, num_saved=2, mesh_format="both")
+    for k in range(2):
+        ply, obj = (read_mesh(out / "flamesample" / f"a_0_{k}{suffix}") for suffix in (".ply", ".obj"))
+        np.testing.assert_allclose(obj[0], ply[0], atol=1e-6) and np.testing.assert_array_equal(obj[1], ply[1])
+    assert [p.name for p in find_samples(out, "a")] == ["a_0_0.ply", "a_0_1.ply"]  # one mesh per sample
+    write(out, "a", flame, num_saved=2, mesh_format="obj")  # an overwrite removes the other format's files
+    assert sorted(p.name for p in (out / "flamesample").iterdir()) == ["a_0_0.obj", "a_0_1.obj"]
+    assert [p.name for p in find_samples(out, "a")] == ["a_0_0.obj", "a_0_1.obj"]
+    assert (out / "shapesample" / "a_0.obj").is_file() and not (out / "shapesample" / "a_0.ply").exists()

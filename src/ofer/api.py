@@ -149,13 +149,17 @@ class Result:
         order = np.argsort(-self.scores, kind="stable")[:k]
         return self._model.flame_meshes(self.reconstruction.shapes[order])
 
-    def save(self, out: str | Path, name: str | None = None, run: str | None = None) -> dict:
-        """Write the files test.py writes for this image into `out` (under `name`); return its done marker."""
+    def save(self, out: str | Path, name: str | None = None, run: str | None = None,
+             mesh_format: str = "ply") -> dict:
+        """Write the files test.py writes for this image into `out` (under `name`); return its done marker.
+
+        `mesh_format`: `ply` (as the original), `obj`, or `both` (test.py's --mesh-format).
+        """
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         provenance = {"settings": self.settings, **({"run": run} if run is not None else {})}
         return write_outputs(out, name or self.name, self.reconstruction, self.faces, self.arcface,
-                             self.settings["num_saved_expressions"], provenance)
+                             self.settings["num_saved_expressions"], provenance, mesh_format)
 
     def to_trimesh(self, which: str | int = "neutral") -> Any:
         """A `trimesh.Trimesh` (mm) of the neutral pick (`"neutral"`) or of expression sample `which` (int)."""

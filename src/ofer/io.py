@@ -242,6 +242,21 @@ def write_ply(path: str | os.PathLike, vertices: np.ndarray, faces: np.ndarray) 
         handle.write(face_records.tobytes())
 
 
+def write_obj(path: str | os.PathLike, vertices: np.ndarray, faces: np.ndarray) -> None:
+    """Write a triangle mesh as Wavefront OBJ (`v` and 1-based `f` lines only), atomically.
+
+    vertices: (V, 3) float, written with 6 decimals (1e-6 of the unit; test.py writes mm);
+    faces: (F, 3) int. No normals or texture coordinates, so loaders keep the vertex order.
+    """
+    lines = [f"v {x:.6f} {y:.6f} {z:.6f}" for x, y, z in np.asarray(vertices, dtype=np.float64)]
+    lines += [f"f {a} {b} {c}" for a, b, c in np.asarray(faces, dtype=np.int64) + 1]
+    with atomic_write(path) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+
+
+MESH_WRITERS = {".ply": write_ply, ".obj": write_obj}
+
+
 def read_mesh(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """Read a triangle mesh (.ply/.obj/...) without merging or reordering vertices.
 

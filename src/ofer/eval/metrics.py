@@ -28,6 +28,7 @@ fit uses the visible vertices when a mask is given, all vertices otherwise.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
@@ -39,7 +40,7 @@ import numpy as np
 
 from ofer.eval import exit_code, write_json_report
 from ofer.eval.geometry import similarity_procrustes
-from ofer.inference.layout import expression_sample_files, read_marker
+from ofer.inference.layout import expression_sample_files, output_name, read_marker
 from ofer.io import InputError, load_array, read_mesh
 
 logger = logging.getLogger(__name__)
@@ -132,28 +133,46 @@ def mesh_errors(pred: np.ndarray, gt: np.ndarray, occluded: np.ndarray | None = 
 
 
 def find_samples(out_dir: Path, name: str) -> list[Path]:
-    """Expression sample meshes `<out>/flamesample/<name>_0_<k>.ply`, ordered by k.
+    """Expression sample meshes `<out>/flamesample/<name>_0_<k>.ply` (or `.obj`), ordered by k.
 
     When the image has a done marker (test.py's `<name>/done.json`) only the samples it lists
     are read: files an earlier run left beside them are not part of the reconstruction. A folder
     written without markers (the original code) is read as found on disk.
     """
-    found = expression_sample_files(out_dir, name)
+    found = expression_sample_files(out_dir, name)  # by k, .ply before .obj
     marker = read_marker(out_dir, name)
     if marker is not None and isinstance(marker.get("files"), list):
         listed = set(marker["files"])
         found = [f for f in found if f in listed]
-    return [out_dir / f for f in found]
+    first = {}  # one mesh per sample k: the .ply where both formats were written
+    for f in found:
+        first.setdefault(Path(f).stem, f)
+    return [out_dir / f for f in first.values()]
+
+
+def list_order(pred_dir: Path, names: list[str], list_file: str | os.PathLike | None = None) -> list[str]:
+    """`names` in the order of the image list: `list_file` (test.py's --filename) when given, else
+    the order recorded in `<pred>/summary.json` (`listed`); names not listed follow, sorted."""
+    if list_file is not None:
+        lines = Path(list_file).read_text(encoding="utf-8").splitlines()
+        listed = [output_name(line) for line in lines if line.strip() and not line.strip().startswith("#")]
+    else:
+        try:
+            listed = json.loads((pred_dir / "summary.json").read_text())["listed"]
+        except (OSError, ValueError, KeyError, TypeError):
+            listed = []
+    position = {name: i for i, name in reversed(list(enumerate(listed))) if isinstance(name, str)}
+    return sorted(names, key=lambda n: (position.get(n, len(position)), n))
 
 
 def evaluate_folder(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, masks_dir: str | os.PathLike | None = None,
-                    ranked_index: int = 0, align: bool = False) -> dict:
-    """Evaluate every `<gt>/<name>.ply` against the test.py outputs in pred_dir."""
+                    ranked_index: int = 0, align: bool = False, list_file: str | os.PathLike | None = None) -> dict:
+    """Evaluate every `<gt>/<name>.ply` against the test.py outputs in pred_dir, in list order (`list_order`)."""
     pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
     if not pred_dir.is_dir():
         raise InputError(f"{pred_dir}: prediction folder not found (test.py's --outputpath)")
     masks_dir = Path(masks_dir) if masks_dir is not None else gt_dir
-    names = sorted(p.stem for p in gt_dir.glob("*.ply"))
+    names = list_order(pred_dir, [p.stem for p in gt_dir.glob("*.ply")], list_file)
     if not names:
         raise InputError(f"{gt_dir}: no ground-truth .ply meshes")
     per_image, missing = {}, []
@@ -194,7 +213,7 @@ def nanmean(values: Sequence[float]) -> float:
     return float(np.mean(finite)) if finite else math.nan
 
 
-COLUMN_NAMES = {"ranked": "rank", "oracle": "orac", "mean": "mean", "diversity": "dive"}
+COLUMN_NAMES = {"ranked": "rank", "oracle": "orac", "mean": "mean", "diversity": "dive", "neutral_shape": "neut"}
 
 
 def legend(ranked_index: int = 0) -> str:
@@ -204,6 +223,8 @@ def legend(ranked_index: int = 0) -> str:
         (f"  rank = expression sample k={ranked_index} on IdRank's identity (the single answer); "
          "orac = the best sample (oracle, best of S);"),
         "  mean = the average mesh of the samples; dive = diversity, per-vertex spread of the samples;",
+        "  neut = IdRank's neutral shape (shapesample/) against the expressive truth: the baseline a sample beats",
+        "         when it gets the expression right ('-': no shapesample);",
         "  /all, /vis, /occ = all vertices, the visible ones, the occluded ones (nan: no occluder or no mask).",
     ])
 
@@ -211,13 +232,18 @@ def legend(ranked_index: int = 0) -> str:
 def format_report(report: dict) -> str:
     """Per-image rows and the mean over images, errors and diversity in mm, with a legend."""
     columns = [("ranked", "all"), ("ranked", "visible"), ("ranked", "occluded"), ("oracle", "all"),
-               ("oracle", "occluded"), ("mean", "all"), ("diversity", "visible"), ("diversity", "occluded")]
+               ("oracle", "occluded"), ("mean", "all"), ("diversity", "visible"), ("diversity", "occluded"),
+               ("neutral_shape", "all")]
     header = f"{'image':<24}" + "".join(f"{f'{COLUMN_NAMES[k]}/{r[:3]}':>10}" for k, r in columns)
-    rows = [f"{name[:24]:<24}" + "".join(f"{r[k][reg]:>10.3f}" for k, reg in columns)
+
+    def cell(row: dict, key: str, region: str) -> str:
+        return f"{row[key][region]:>10.3f}" if key in row else f"{'-':>10}"
+
+    rows = [f"{name[:24]:<24}" + "".join(cell(r, k, reg) for k, reg in columns)
             for name, r in report["per_image"].items()]
     mean = report["mean_over_images"]
     if mean:
-        rows.append(f"{'MEAN':<24}" + "".join(f"{mean[k][reg]:>10.3f}" for k, reg in columns))
+        rows.append(f"{'MEAN':<24}" + "".join(cell(mean, k, reg) for k, reg in columns))
     return "\n".join([header, *rows, f"missing predictions: {report['n_missing']} of {report['n_images']}",
                       legend(report["ranked_index"])])
 
@@ -229,10 +255,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--masks", help="folder of <name>_occlusion.npy masks (default: --gt)")
     parser.add_argument("--ranked-index", type=int, default=0, help="sample index reported as the ranked pick")
     parser.add_argument("--align", action="store_true", help="rigidly align each mesh to the ground truth first")
+    parser.add_argument("--list", help="test.py's image list: rows in its order (default: the order recorded in "
+                                       "<pred>/summary.json)")
     parser.add_argument("--out", help="write the JSON report here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    report = evaluate_folder(args.pred, args.gt, args.masks, args.ranked_index, args.align)
+    report = evaluate_folder(args.pred, args.gt, args.masks, args.ranked_index, args.align, args.list)
     if args.out:
         write_json_report(args.out, report)
     print(format_report(report))

@@ -20,13 +20,19 @@ pairs of columns read alike: a sample beats "neutral" when it gets the expressio
 
 from __future__ import annotations
 
+import argparse
+import json
+import logging
 import math
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ofer.config import load_config
+from ofer.eval import exit_code, write_json_report
 from ofer.eval.metrics import evaluate_samples, find_samples, nanmean, vertex_errors
 from ofer.flame import FLAME
 from ofer.flame.jaw import jaws_to_pose
@@ -85,21 +91,38 @@ def image_row(out: Path, gt: Path, name: str, flame: FLAME, mean_face: np.ndarra
     }
 
 
-def synthetic_table(out: str | Path, data: str | Path, jaw_scale: float = 1.0,
-                    jaw_limits: Sequence[float] | None = None) -> dict[str, dict[str, float]]:
-    """Rows per image of `<data>/test/list.txt` plus "MEAN" (mean over the images that have a value).
+def synthetic_report(out: str | Path, data: str | Path, jaw_scale: float = 1.0,
+                     jaw_limits: Sequence[float] | None = None) -> dict:
+    """Rows per image of `<data>/test/list.txt` (list order) with outputs in `out`, plus "MEAN"
+    (mean over the images that have a value), and the images without outputs (`missing`).
 
     `jaw_scale` and `jaw_limits` are the test config's `model.jaw_scale` (the demo's is 1.0) and
     `test.jaw_limits`, so that the true identity is posed with the jaw test.py posed.
     """
     out, data = Path(out), Path(data)
+    if not out.is_dir():
+        raise InputError(f"{out}: prediction folder not found (test.py's --outputpath)")
     gt = data / "test_gt"
+    listing = data / "test" / "list.txt"
+    if not listing.is_file():
+        raise InputError(f"{listing}: not found; --data must be a synthetic data set (python -m ofer.data.synthetic)")
     flame = FLAME(str(data / "flame" / "generic_model.pkl"), n_shape=300, n_exp=50)
     mean_face = _mesh(data / "flame" / "mean_shape.ply")
-    names = (data / "test" / "list.txt").read_text().split()
-    rows = {name: image_row(out, gt, name, flame, mean_face, jaw_scale, jaw_limits) for name in names}
+    names = listing.read_text().split()
+    missing = [n for n in names if not (out / "shapesample" / f"{n}_0.ply").is_file() or not find_samples(out, n)]
+    rows = {name: image_row(out, gt, name, flame, mean_face, jaw_scale, jaw_limits) for name in names
+            if name not in missing}
     rows["MEAN"] = {k: nanmean([r[k] for r in rows.values()]) for k in COLUMNS}
-    return rows
+    return {"unit": "mm", "rows": rows, "missing": missing, "n_images": len(names), "n_missing": len(missing)}
+
+
+def synthetic_table(out: str | Path, data: str | Path, jaw_scale: float = 1.0,
+                    jaw_limits: Sequence[float] | None = None) -> dict[str, dict[str, float]]:
+    """The rows of `synthetic_report`; every listed image must have outputs (else InputError naming them)."""
+    report = synthetic_report(out, data, jaw_scale, jaw_limits)
+    if report["missing"]:
+        raise InputError(f"{out}: no outputs of {', '.join(report['missing'])}")
+    return report["rows"]
 
 
 def format_table(rows: dict[str, dict[str, float]]) -> str:
@@ -110,3 +133,46 @@ def format_table(rows: dict[str, dict[str, float]]) -> str:
     lines.append("\nAll values in mm (mean per-vertex distance); lower errors are better.")
     lines += [f"  {k:<13} {text}" for k, text in COLUMNS.items()]
     return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """`python -m ofer.eval.synthetic_table --pred OUT --data DATA`: the demo's table for any output folder."""
+    parser = argparse.ArgumentParser(
+        prog="python -m ofer.eval.synthetic_table",
+        description="Errors of test.py's outputs on the synthetic test set against its ground truth (the demo's table).",
+        epilog="exit codes: 0 every image evaluated, 1 some have no outputs (listed), 2 bad input")
+    parser.add_argument("--pred", required=True, help="test.py's --outputpath")
+    parser.add_argument("--data", default="data/synthetic", help="the synthetic data set (default data/synthetic)")
+    parser.add_argument("--cfg", help="the test config, for model.jaw_scale and test.jaw_limits (default: the "
+                                      "settings recorded in <pred>/summary.json, else jaw_scale 1 and no limits)")
+    parser.add_argument("--out", help="write the report as JSON here")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not Path(args.pred).is_dir():
+        raise InputError(f"{args.pred}: prediction folder not found (test.py's --outputpath)")
+    jaw_scale, jaw_limits = _jaw_settings(Path(args.pred), args.cfg)
+    report = synthetic_report(args.pred, args.data, jaw_scale, jaw_limits)
+    if args.out:
+        write_json_report(args.out, report)
+    print(format_table(report["rows"]))
+    if report["missing"]:
+        print(f"no outputs for {report['n_missing']} of {report['n_images']} images: {', '.join(report['missing'])}")
+    return report
+
+
+def _jaw_settings(pred: Path, cfg: str | None) -> tuple[float, list[float] | None]:
+    """(jaw_scale, jaw_limits) test.py posed the jaw with: from `cfg`, else the run's summary.json."""
+    if cfg is not None:
+        config = load_config(cfg)
+        return config.model.jaw_scale, config.test.jaw_limits
+    try:
+        settings = json.loads((pred / "summary.json").read_text())["settings"]
+        return float(settings["jaw_scale"]), settings.get("jaw_limits")
+    except (OSError, ValueError, KeyError, TypeError):
+        logging.getLogger(__name__).warning("%s: no readable settings; posing the true identity with jaw_scale 1 "
+                                            "and no jaw limits (give --cfg)", pred / "summary.json")
+        return 1.0, None
+
+
+if __name__ == "__main__":
+    sys.exit(exit_code(main))

@@ -48,7 +48,7 @@ from ofer.api import (
 from ofer.config import Config, ConfigError, load_config
 from ofer.diffusion.samplers import SAMPLERS
 from ofer.entry import sigterm_as_interrupt
-from ofer.inference.layout import done_marker
+from ofer.inference.layout import IMAGE_SUFFIXES, MESH_FORMATS, done_marker, output_name
 from ofer.inference.outfolder import OutputLock, lock_holder
 from ofer.inference.ranks import Ranks
 from ofer.inference.summary import RankReport, RunPlan, remove_reports, write_summary
@@ -56,7 +56,6 @@ from ofer.io import InputError, OutputFolderError, check_output_folder
 from ofer.progress import progress
 
 log = logging.getLogger("ofer.test")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 EXIT_OK, EXIT_FAILED, EXIT_SETUP, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
@@ -86,38 +85,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
     p.add_argument("--batch", type=int, default=1, help="images reconstructed together")
     p.add_argument("--overwrite", action="store_true", help="redo images that already have outputs")
+    p.add_argument("--mesh-format", choices=list(MESH_FORMATS), default="ply",
+                   help="file format of the meshes: ply (default, as the original), obj, or both")
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
-
-
-ARCFACE_INPUT_FOLDER = "arcface_input"  # the original drops this folder from output names
-# Top-level names of the output folder that belong to the run, not to an image.
-RESERVED_NAMES = ("shapesample", "flamesample", "report", "summary.json")
-
-
-def output_name(entry: str | Path) -> str:
-    """The name an entry's outputs get: the entry without its image suffix and `arcface_input/` folder.
-
-    The entry is normalised first (`x/../a` is `a`), so two spellings of one image get one name.
-    Raises InputError for an entry whose outputs would leave the output folder (absolute, or
-    climbing out with `..`) or land on the run's own files (`shapesample/...`, hidden names).
-    """
-    text = str(entry).strip()
-    if posixpath.isabs(text) or Path(text).is_absolute():
-        raise InputError(f"entry '{text}' is an absolute path; list entries are relative to --imagepath")
-    rel = Path(posixpath.normpath(text))
-    rel = rel.with_suffix("") if rel.suffix.lower() in IMAGE_SUFFIXES else rel
-    parts = [part for part in rel.parts if part != ARCFACE_INPUT_FOLDER]
-    if not parts or parts == ["."]:
-        raise InputError(f"entry '{text}' names no image")
-    if parts[0] == "..":
-        raise InputError(f"entry '{text}' leaves the image folder ('..'); its outputs would be written outside "
-                         "--outputpath")
-    if parts[0] in RESERVED_NAMES or any(part.startswith(".") for part in parts):
-        raise InputError(f"entry '{text}' would write over the run's own files ('{parts[0]}' in the output folder); "
-                         "rename the image")
-    return Path(*parts).as_posix()
 
 
 def read_list(list_file: Path, image_root: Path) -> list[tuple[str, Path]]:
@@ -267,7 +239,7 @@ def reconstruct_shard(args: argparse.Namespace, cfg: Config, checkpoints: dict[s
                     report.failed[name] = result.reason
                 else:
                     try:
-                        result.save(out, run=plan.run_id)
+                        result.save(out, run=plan.run_id, mesh_format=args.mesh_format)
                     except Exception as err:
                         report.failed[name] = image_failure(name, f"outputs of {name} could not be written to {out}",
                                                             err).reason

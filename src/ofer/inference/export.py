@@ -1,7 +1,8 @@
 """Write one image's reconstruction to disk: original files, parameters, landmarks, pictures.
 
 Layout under the output folder (SPEC §11, ours added):
-  shapesample/<name>_0.ply           best-ranked neutral shape (mm), as the original
+  shapesample/<name>_0.ply           best-ranked neutral shape (mm), as the original (.obj too, or
+                                     instead, with mesh_format "both" or "obj")
   flamesample/<name>_0_<k>.ply       expression samples k < test.num_saved_expressions (mm)
   <name>.npz                         all sampled shapes, scores, expressions, jaws, the pick
   <name>/kpt7.npy, <name>/kpt68.npy  3D landmarks of the neutral shape (mm), for NoW
@@ -28,10 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ofer.inference.layout import done_marker, image_files
+from ofer.inference.layout import MESH_FORMATS, done_marker, image_files
 from ofer.inference.pictures import overlay_picture, samples_sheet
 from ofer.inference.pipeline import Reconstruction
-from ofer.io import WriteError, atomic_write, save_npy, save_npz, write_image, write_ply
+from ofer.io import MESH_WRITERS, WriteError, atomic_write, save_npy, save_npz, write_image
 
 log = logging.getLogger(__name__)
 STAGING_PREFIX = ".staging-"  # inside <name>/; never a list entry's name (hidden names are refused)
@@ -46,7 +47,7 @@ def remove_outputs(out: Path, name: str) -> None:
 
 
 def _write_files(root: Path, name: str, rec: Reconstruction, faces: np.ndarray, arcface: np.ndarray,
-                 num_saved: int) -> list[str]:
+                 num_saved: int, mesh_format: str) -> list[str]:
     """Write the image's files under `root` (the staging folder); return their paths relative to it.
 
     The pictures are drawn before any file is written, so a failure there writes nothing.
@@ -58,9 +59,11 @@ def _write_files(root: Path, name: str, rec: Reconstruction, faces: np.ndarray, 
         files.append(relative)
         return root / relative
 
-    write_ply(path(f"shapesample/{name}_0.ply"), rec.neutral_mm, faces)
-    for k in range(min(num_saved, len(rec.expression_mm))):
-        write_ply(path(f"flamesample/{name}_0_{k}.ply"), rec.expression_mm[k], faces)
+    for suffix in MESH_FORMATS[mesh_format]:
+        write_mesh = MESH_WRITERS[suffix]
+        write_mesh(path(f"shapesample/{name}_0{suffix}"), rec.neutral_mm, faces)
+        for k in range(min(num_saved, len(rec.expression_mm))):
+            write_mesh(path(f"flamesample/{name}_0_{k}{suffix}"), rec.expression_mm[k], faces)
     save_npz(path(f"{name}.npz"), shapes=rec.shapes, scores=rec.scores, best=np.int64(rec.best),
              expressions=rec.expressions, jaws=rec.jaws)
     save_npy(path(f"{name}/kpt7.npy"), rec.kpt7_mm)
@@ -71,21 +74,24 @@ def _write_files(root: Path, name: str, rec: Reconstruction, faces: np.ndarray, 
 
 
 def write_outputs(out: Path, name: str, rec: Reconstruction, faces: np.ndarray, arcface: np.ndarray,
-                  num_saved: int, provenance: dict | None = None) -> dict:
+                  num_saved: int, provenance: dict | None = None, mesh_format: str = "ply") -> dict:
     """Write every file of one image, all visible together or none; return its done marker.
 
     Files are staged in `<out>/.partial/`, then an earlier set of the image is removed (marker
     first), the new files are moved into place and the marker, listing them, is written last.
     A failure while staging (e.g. a full disk) leaves the earlier set as it was.
     `provenance` (test.py: the settings and the run that made the files) goes into the marker.
+    `mesh_format` (`ply`, `obj` or `both`): the meshes' file formats (test.py's --mesh-format).
     """
+    if mesh_format not in MESH_FORMATS:
+        raise ValueError(f"mesh_format must be one of {', '.join(MESH_FORMATS)}, got {mesh_format!r}")
     folder = out / name
     remove_staging(folder)
     folder.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=folder, prefix=STAGING_PREFIX))
     moved: list[Path] = []
     try:
-        files = _write_files(staging, name, rec, faces, arcface, num_saved)
+        files = _write_files(staging, name, rec, faces, arcface, num_saved, mesh_format)
         remove_outputs(out, name)
         for relative in files:
             target = out / relative

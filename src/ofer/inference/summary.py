@@ -98,6 +98,7 @@ def write_summary(out: Path, plan: RunPlan, settings: dict, world: int) -> dict:
         # Per image: the slowest rank's reconstruction time (without its one-time loading) per image reconstructed.
         per_image = max((r.seconds - r.load_seconds for r in reports.values()), default=0.0) / max(len(reconstructed), 1)
         summary = {
+            "listed": plan.listed,
             "reconstructed": reconstructed,
             "skipped_already_done": plan.finished,
             "failed": failed,
