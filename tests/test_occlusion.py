@@ -4,6 +4,7 @@ import cv2
 import numpy as np
 import pytest
 
+from conftest import REPO
 from ofer.data.occlusion import (
     KINDS,
     OcclusionAugment,
@@ -167,3 +168,23 @@ def test_command_line_default_image(tmp_path):
     pytest.importorskip("skimage")
     main(["--out", str(tmp_path / "astronaut.png"), "--n", "4"])
     assert read_image(tmp_path / "astronaut.png").shape[0] == 4 + 16 + 224 + 4
+
+
+def test_preview_of_a_configs_occlusion_settings(tmp_path, capsys):
+    """`--cfg` draws the samples with the config's dataset.occlusion settings, as training does."""
+    image, _ = _sample(9)
+    write_image(tmp_path / "faces" / "a.png", image)
+    cfg = str(REPO / "configs" / "demo" / "idgen.yml")
+    common = ["--images", str(tmp_path / "faces"), "--n", "4", "--cfg", cfg]
+    main([*common, "--out", str(tmp_path / "never.png"), "--opt", "dataset.occlusion.prob=0"])
+    never = read_image(tmp_path / "never.png")
+    plain = preview([image], tmp_path / "plain.png", n=4, augment=OcclusionAugment(prob=0.0))
+    np.testing.assert_array_equal(never, plain)  # nothing occluded: every cell is the image itself
+    np.testing.assert_array_equal(plain[20:244, 4:228], image)
+    main([*common, "--out", str(tmp_path / "hands.png"), "--opt", "dataset.occlusion.prob=1",
+          "--opt", "dataset.occlusion.kinds=[hand]"])
+    assert "kinds hand" in capsys.readouterr().out
+    assert not np.array_equal(read_image(tmp_path / "hands.png"), never)
+    with pytest.raises(SystemExit) as code:
+        main([*common, "--out", str(tmp_path / "bad.png"), "--opt", "dataset.occlusion.porb=1"])
+    assert code.value.code == 2 and "dataset.occlusion.porb" in capsys.readouterr().err

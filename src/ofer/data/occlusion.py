@@ -15,12 +15,14 @@ Conventions:
   two crops cover the same region (the 112 input is the 224 crop resized).
 - Pixels outside the occluder's mask are left bit-identical in both outputs.
 
-Run `python -m ofer.data.occlusion --out preview.png` to look at a sheet of samples.
+Run `python -m ofer.data.occlusion --out preview.png` to look at a sheet of samples, and
+`python -m ofer.data.occlusion --cfg my.yml --out preview.png` to see a config's settings.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -28,6 +30,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from ofer.config import ConfigError, OcclusionConfig, load_config
 from ofer.encoders.normalise import ARCFACE_SIZE, FARL_SIZE
 from ofer.io import read_image, write_image
 from ofer.preprocess import arcface_input, arcface_matrix_224_to_112, arcface_to_bgr, prepare_face
@@ -271,6 +274,12 @@ class OcclusionAugment:
             raise ValueError(f"kinds must be a non-empty subset of {KINDS}, got {tuple(kinds)}")
         self.prob, self.min_area, self.max_area, self.kinds = prob, min_area, max_area, tuple(kinds)
 
+    @classmethod
+    def from_config(cls, occlusion: OcclusionConfig) -> OcclusionAugment:
+        """The augmenter a config's `dataset.occlusion` section describes (what training applies)."""
+        return cls(prob=occlusion.prob, min_area=occlusion.min_area, max_area=occlusion.max_area,
+                   kinds=occlusion.kinds)
+
     def __call__(
         self,
         image224: np.ndarray,
@@ -326,16 +335,20 @@ def preview(
     n: int = 16,
     seed: int = 0,
     arcface_matrices: Sequence[np.ndarray | None] | None = None,
+    augment: OcclusionAugment | None = None,
 ) -> np.ndarray:
     """Write a sheet of n augmented samples in up to 4 columns; each shows the 224 crop and the 112 input.
 
-    Sample i uses images[i % len(images)] and the kind KINDS[i % 4], so every kind appears.
+    Sample i uses images[i % len(images)]. Without `augment` every sample is occluded, with the
+    kind KINDS[i % 4], so every kind appears; with `augment` (e.g. a config's, `from_config`) the
+    samples are drawn as training draws them, unoccluded ones included.
     The 112 input is made from the crop with the image's arcface matrix (or a resize).
 
     Args:
         images: (224, 224, 3) uint8 BGR crops.
         out_path: where to write the sheet (.png/.jpg).
         arcface_matrices: one (2, 3) matrix or None per image; None for all resized.
+        augment: the augmenter to draw every sample with (None: each kind in turn, always occluded).
 
     Returns:
         The sheet written, (H, W, 3) uint8 BGR.
@@ -356,10 +369,12 @@ def preview(
             else cv2.warpAffine(image, matrix, size)
         )
         kind = KINDS[i % len(KINDS)]
-        out224, out112, mask = OcclusionAugment(prob=1.0, kinds=(kind,))(image, arcface_input(crop112), matrix, rng)
+        drawn = OcclusionAugment(prob=1.0, kinds=(kind,)) if augment is None else augment
+        out224, out112, mask = drawn(image, arcface_input(crop112), matrix, rng)
         shown112 = cv2.resize(arcface_to_bgr(out112), (FARL_SIZE, FARL_SIZE), interpolation=cv2.INTER_NEAREST)
         cells.append(np.concatenate([out224, shown112], axis=1))
-        labels.append(f"{kind}  {100 * mask.mean():.0f}% of the crop  | 112 ArcFace input")
+        what = kind if augment is None else ("occluded" if mask.any() else "not occluded")
+        labels.append(f"{what}  {100 * mask.mean():.0f}% of the crop  | 112 ArcFace input")
     sheet = image_grid(cells, ncols=min(4, n), labels=labels)
     write_image(out_path, sheet)
     return sheet
@@ -412,15 +427,33 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", default="occlusion_preview.png", help="output picture (.png/.jpg)")
     parser.add_argument("--n", type=int, default=16, help="number of samples")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cfg", help="a training config: draw the samples with its dataset.occlusion settings "
+                                      "(prob, areas, kinds), as training does; default: every kind in turn")
+    parser.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, as the training scripts take it (with --cfg)")
     args = parser.parse_args(argv)
+    augment = None
+    if args.cfg is not None:
+        try:
+            occlusion = load_config(args.cfg, args.opt).dataset.occlusion
+        except ConfigError as err:
+            parser.exit(2, f"error: {err}\n")
+        if not occlusion.enabled:
+            logging.getLogger(__name__).warning("%s: dataset.occlusion.enabled is false, so training does not "
+                                                "occlude; showing what it would do with these settings", args.cfg)
+        augment = OcclusionAugment.from_config(occlusion)
+    elif args.opt:
+        parser.error("--opt needs --cfg")
     if args.images:
         crops = _load_crops(args.images)
         matrices = None
     else:
         crop, matrix = _astronaut_sample()
         crops, matrices = [crop], [matrix]
-    preview(crops, args.out, n=args.n, seed=args.seed, arcface_matrices=matrices)
-    print(f"wrote {args.out} ({args.n} samples from {len(crops)} image(s), seed {args.seed})")
+    preview(crops, args.out, n=args.n, seed=args.seed, arcface_matrices=matrices, augment=augment)
+    settings = "" if augment is None else (f", {args.cfg}: prob {augment.prob}, area {augment.min_area}-"
+                                           f"{augment.max_area}, kinds {', '.join(augment.kinds)}")
+    print(f"wrote {args.out} ({args.n} samples from {len(crops)} image(s), seed {args.seed}{settings})")
 
 
 if __name__ == "__main__":
