@@ -247,7 +247,7 @@ def run(
     inputs = [path for path, _ in images] + ([input_path] if input_path.is_file() else [])
     if keypoints is not None and not isinstance(keypoints, dict):
         inputs.append(Path(keypoints))
-    check_inputs_outside(out_dir, inputs)
+    check_inputs_outside(out_dir, list(dict.fromkeys(inputs)))  # a single photo is also the input path
     if keypoints is not None:
         table = keypoints if isinstance(keypoints, dict) else load_keypoints(keypoints)
         found_by, face_finder = "keypoint file", None
