@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from itertools import pairwise
 from pathlib import Path
 
@@ -424,3 +425,102 @@ def test_command_exit_codes_say_complete_missing_or_bad_input(tmp_path, caplog):
     assert exit_code(main, argv) == EXIT_SETUP
     assert f"{tmp_path / 'no_gt'}: ground-truth folder (NoW's final_release_version, or a flat scan folder) " \
            "not found" in caplog.text
+
+
+def test_scan_ply_vertices_are_read_as_stored(tmp_path):
+    """PLY scans, ASCII and binary: the vertex element as stored, whatever faces and texture coordinates say."""
+    expected = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 1, 0], [9, 9, 9]], dtype=np.float64)
+    ascii_ply = tmp_path / "textured.ply"  # per-face texcoords split vertices 0 and 2 in mesh loaders; 4 is unused
+    ascii_ply.write_text(
+        "ply\nformat ascii 1.0\ncomment seams\nelement vertex 5\nproperty float x\nproperty float y\nproperty float z\n"
+        "property uchar red\nelement face 2\nproperty list uchar int vertex_indices\nproperty list uchar float texcoord\n"
+        "end_header\n0 0 0 255\n1 0 0 255\n0 1 0 255\n0 1 0 255\n9 9 9 255\n"
+        "3 0 1 2 6 0 0 1 0 0 1\n3 0 2 3 6 0.5 0 1 1 0 0.5\n")
+    np.testing.assert_array_equal(read_scan_vertices(ascii_ply), expected)
+    for order, name in (("<", "binary_little_endian"), (">", "binary_big_endian")):
+        table = np.zeros(5, dtype=[("nx", order + "f4"), ("x", order + "f8"), ("y", order + "f8"), ("z", order + "f8"),
+                                   ("quality", order + "u2")])
+        table["x"], table["y"], table["z"] = expected.T
+        faces = np.zeros(1, dtype=[("n", "u1"), ("idx", order + "i4", (3,))])
+        faces["n"], faces["idx"] = 3, [0, 1, 2]
+        header = (f"ply\nformat {name} 1.0\nelement vertex 5\nproperty float nx\nproperty double x\nproperty double y\n"
+                  "property double z\nproperty ushort quality\nelement face 1\nproperty list uchar int vertex_indices\n"
+                  "end_header\n")
+        path = tmp_path / f"{name}.ply"
+        path.write_bytes(header.encode() + table.tobytes() + faces.tobytes())
+        np.testing.assert_array_equal(read_scan_vertices(path), expected)
+        path.write_bytes(header.encode() + table.tobytes()[:-3])
+        with pytest.raises(InputError, match=f"{name}.ply: the PLY declares 5 vertices; the file is shorter"):
+            read_scan_vertices(path)
+
+
+def test_bad_scans_and_scan_landmarks_are_errors_naming_the_file(tmp_path):
+    (tmp_path / "nan.obj").write_text("v 0 0 0\nv 1 nan 0\nv 0 1 0\nf 1 2 3\n")
+    with pytest.raises(InputError, match=r"nan.obj: 1 of 3 scan vertices are NaN or infinite \(the first is vertex 2\)"):
+        read_scan_vertices(tmp_path / "nan.obj")
+    (tmp_path / "short.obj").write_text("v 0 0 0\nv 1 2\n")
+    with pytest.raises(InputError, match="short.obj, line 2: a vertex needs 3 coordinates"):
+        read_scan_vertices(tmp_path / "short.obj")
+    points = np.arange(21, dtype=np.float64).reshape(7, 3)
+    points[2, 1] = np.nan
+    write_pp(tmp_path / "nan.pp", points)
+    with pytest.raises(InputError, match=r"nan.pp: landmarks: 1 of 21 values are NaN or infinite"):
+        read_landmarks(tmp_path / "nan.pp")
+    np.save(tmp_path / "same.npy", np.ones((7, 3)))
+    with pytest.raises(InputError, match="same.npy: the 7 landmarks coincide"):
+        read_landmarks(tmp_path / "same.npy")
+
+
+def _write_prediction(pred: Path, vertices: np.ndarray, faces: np.ndarray, landmarks: np.ndarray) -> None:
+    write_ply(pred / "a.ply", vertices, faces)
+    np.save(pred / "a_kpt7.npy", landmarks)
+
+
+def test_degenerate_predictions_are_refused_naming_the_file(tmp_path, caplog):
+    """Not a face surface NoW can measure: exit 2 with one error naming the file, instead of a number."""
+    pred, gt, list_file = _flat_case(tmp_path)
+    vertices, faces, landmark_idx = bumpy_head()
+    landmarks = vertices[landmark_idx]
+    out_of_range, nan_vertex, flat = faces.copy(), vertices.copy(), vertices.copy()
+    out_of_range[5, 1] = 10**6
+    nan_vertex[3] = np.nan
+    flat[:, 2] = flat[:, 0]  # every triangle in the plane x = z ...
+    flat[:, 1] = 0.0  # ... and on one line: zero area
+    cases = [
+        ((vertices, out_of_range, landmarks), r"a.ply: face indices span 0..1000000, outside the 642 vertices"),
+        ((vertices, faces, landmarks), None),  # control: evaluated
+        ((nan_vertex, faces, landmarks), r"a.ply: vertices: 3 of 1926 values are NaN or infinite"),
+        ((vertices, faces[:1], landmarks), r"a.ply: only 1 triangle\(s\) of non-zero area"),
+        ((flat, faces, landmarks), r"a.ply: only 0 triangle\(s\) of non-zero area"),
+        ((vertices * 1e30, faces, landmarks * 1e30), r"a.ply: the mesh is 2.82e\+32 across"),
+        ((vertices / 1000, faces, landmarks), r"a_kpt7.npy: the outer eye corners \(L0, L3\) are .* times the size"),
+    ]
+    argv = ["--pred", str(pred), "--gt", str(gt), "--list", str(list_file)]
+    for (v, f, lmk), message in cases:
+        _write_prediction(pred, v, f, lmk)
+        caplog.clear()
+        if message is None:
+            assert exit_code(main, argv) == EXIT_COMPLETE
+            continue
+        assert exit_code(main, argv) == EXIT_SETUP, message
+        errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert len(errors) == 1 and re.search(message, errors[0]), errors
+
+
+def test_refinement_keeps_the_scale_positive():
+    """An icosahedron 1e30 times the size of its landmarks (refused by the command, measured here
+    directly): the reference's penalised dogleg took the scale below zero and reported −2e15 mm."""
+    vertices, _, landmark_idx = bumpy_head()
+    scan_v, _, scan_lmk = make_scan(TRUE)
+    cropped = scan_v[crop_scan(scan_v, scan_lmk)]
+    icosahedron = trimesh.creation.icosphere(subdivisions=0, radius=80.0)
+    result = scan_to_mesh_distances(np.asarray(icosahedron.vertices) * 1e30, np.asarray(icosahedron.faces),
+                                    vertices[landmark_idx], cropped, scan_lmk)
+    assert result.transform.scale > 0 and (result.distances >= 0).all()
+
+
+def test_now_list_not_in_utf8_names_the_file_and_line(tmp_path, caplog):
+    pred, gt, list_file = _flat_case(tmp_path)
+    list_file.write_bytes(b"a\n# \xe9t\xe9\n")
+    assert exit_code(main, ["--pred", str(pred), "--gt", str(gt), "--list", str(list_file)]) == EXIT_SETUP
+    assert f"{list_file}, line 2: not UTF-8 text (byte 0xe9)" in caplog.text

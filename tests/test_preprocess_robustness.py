@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -13,6 +16,7 @@ import numpy as np
 import pytest
 import skimage.data
 
+import ofer
 from ofer.io import InputError
 from ofer.preprocess import ARCFACE_TEMPLATE, batch, cli, main, run
 
@@ -183,3 +187,145 @@ def test_output_folder_that_cannot_be_written_is_refused_before_any_work(tmp_pat
         run(tmp_path / "p1.png", blocker / "crops", detector=detector)
     assert detector.calls == 0
     assert main(["--input", str(tmp_path / "p1.png"), "--out", str(blocker / "crops")]) == 2
+
+
+# --------------------------------------------------------------------------- input files are never touched
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_input_files_are_never_written_replaced_or_deleted(tmp_path, caplog):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    _photo(photos / "astro.jpg", 0)
+    _photo(photos / "noface.jpg", 1)  # no keypoints for it: it fails, and a failed photo's crops are removed
+    (photos / "list.txt").write_text("astro.jpg\nnoface.jpg\n")
+    kps = _keypoints(tmp_path / "k.json", {"astro": (KPS, {})})
+    elsewhere = tmp_path / "lists"
+    elsewhere.mkdir()
+    (elsewhere / "l.txt").write_text("../photos/astro.jpg\n")
+    (tmp_path / "link").symlink_to(photos)
+    crops = tmp_path / "crops"
+    crops.mkdir()
+    numbers = " ".join(f"{v:g}" for v in KPS.ravel())
+    (crops / "list.txt").write_text(f"astro {numbers}\n")  # a keypoint file inside the output folder
+    before, crops_before = _snapshot(photos), _snapshot(crops)
+
+    refused = [
+        ["--input", str(photos / "list.txt"), "--out", str(photos), "--keypoints", str(kps)],  # a list file
+        ["--input", str(photos / "noface.jpg"), "--out", str(photos), "--keypoints", str(kps)],  # one photo
+        ["--input", str(photos), "--out", str(photos), "--keypoints", str(kps)],  # a folder
+        ["--input", str(elsewhere / "l.txt"), "--out", str(photos), "--keypoints", str(kps)],  # entries in the output
+        ["--input", str(photos / "list.txt"), "--out", str(tmp_path / "link"), "--keypoints", str(kps)],  # via a link
+        ["--input", str(photos), "--out", str(crops), "--keypoints", str(crops / "list.txt")],  # keypoints there
+    ]
+    for argv in refused:
+        caplog.clear()
+        assert main(argv) == 2, argv
+        assert "the output folder holds input files" in caplog.text
+        assert _snapshot(photos) == before and _snapshot(crops) == crops_before, argv
+    with pytest.raises(InputError, match="holds input files"):
+        run(photos / "list.txt", photos, keypoints=kps)
+    assert _snapshot(photos) == before
+
+    # An output folder inside the input folder holds no input: allowed, and the inputs stay as they were.
+    assert main(["--input", str(photos), "--out", str(photos / "crops"), "--keypoints", str(kps)]) == 1
+    assert _snapshot(photos) == before
+    assert (photos / "crops" / "list.txt").read_text() == "astro\n"
+
+
+# --------------------------------------------------------------------------- non-UTF-8 text files
+
+
+def test_list_and_keypoint_files_not_in_utf8_name_the_file_and_line(tmp_path, caplog):
+    _photo(tmp_path / "a.png")
+    listing = tmp_path / "photos.txt"
+    listing.write_bytes(b"a.png\n# caf\xe9 (Latin-1)\n")
+    kps_txt = tmp_path / "k.txt"
+    kps_txt.write_bytes(b"# keypoints\n\na " + " ".join(f"{v:g}" for v in KPS.ravel()).encode() + b" # \xff\n")
+    kps_json = tmp_path / "k.json"
+    kps_json.write_bytes(b'{"a": {"kps": %s},\n "\xe9": {"kps": []}}' % json.dumps(KPS.tolist()).encode())
+    good_kps = _keypoints(tmp_path / "good.json", {"a": (KPS, {})})
+    cases = [
+        (["--input", str(listing), "--keypoints", str(good_kps)], f"{listing}, line 2: not UTF-8 text (byte 0xe9)"),
+        (["--input", str(tmp_path / "a.png"), "--keypoints", str(kps_txt)], f"{kps_txt}, line 3: not UTF-8 text (byte 0xff)"),
+        (["--input", str(tmp_path / "a.png"), "--keypoints", str(kps_json)], f"{kps_json}, line 2: not UTF-8 text"),
+    ]
+    for argv, message in cases:
+        caplog.clear()
+        assert main([*argv, "--out", str(tmp_path / "out")]) == 2
+        errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert len(errors) == 1 and errors[0].startswith(message), errors
+
+
+# --------------------------------------------------------------------------- SIGTERM acts as Ctrl-C
+
+
+def _python(code: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """Run `code` in a fresh interpreter that imports this checkout's ofer."""
+    src = str(Path(ofer.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-c", code, *args], check=False, cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+# The third photo's detection sends SIGTERM to the process itself, as a scheduler stopping the job would.
+_SIGTERM_ON_THIRD_PHOTO = """
+import os, signal, sys
+import numpy as np
+from ofer.preprocess import ARCFACE_TEMPLATE, cli
+
+class Detector:
+    name, calls = "stub", 0
+
+    def detect(self, image):
+        self.calls += 1
+        if self.calls == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return np.array([[10.0, 10.0, 80.0, 90.0]]), np.array([0.99]), (ARCFACE_TEMPLATE * 0.6 + 14.0)[None]
+
+cli.make_detector = lambda *args: Detector()
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+# SIGTERM as soon as numpy starts to load: during `python -m ofer.preprocess`'s start-up.
+_SIGTERM_DURING_IMPORTS = """
+import os, runpy, signal, sys
+
+class SignalOnNumpy:
+    def find_spec(self, name, path=None, target=None):
+        if name == "numpy":
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return None
+
+sys.meta_path.insert(0, SignalOnNumpy())
+sys.argv = ["ofer.preprocess", *sys.argv[1:]]
+runpy.run_module("ofer.preprocess", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_sigterm_stops_like_ctrl_c_with_the_report_written(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for seed in range(5):
+        _photo(photos / f"p{seed}.png", seed)
+    out = tmp_path / "crops"
+
+    done = _python(_SIGTERM_ON_THIRD_PHOTO, "--input", str(photos), "--out", str(out), cwd=tmp_path)
+
+    assert done.returncode == 130, done.stderr
+    assert "interrupted; the report lists what was done" in done.stderr
+    report = _report(out)
+    assert report["interrupted"] is True and report["not_attempted"] == 3  # p2 (interrupted), p3, p4
+    assert [item["name"] for item in report["processed"]] == ["p0", "p1"]
+    assert (out / "list.txt").read_text() == "p0\np1\n"
+    assert sorted(p.name for p in out.iterdir()) == ["list.txt", "p0.jpg", "p0.npy", "p1.jpg", "p1.npy",
+                                                     "preprocess_report.json"]
+
+    early = _python(_SIGTERM_DURING_IMPORTS, "--input", str(photos), "--out", str(tmp_path / "early"), cwd=tmp_path)
+    assert early.returncode == 130, early.stderr
+    assert early.stderr.strip().splitlines()[-1] == "ERROR ofer.preprocess: interrupted while starting; nothing was done"
+    assert not (tmp_path / "early").exists()

@@ -121,6 +121,25 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
 MAX_IMAGE_PIXELS = 10_000 * 10_000  # far above any photo we expect; OpenCV's own limit is 2**30
 
 
+def read_text(path: str | os.PathLike) -> str:
+    """The text of a UTF-8 file; raise InputError naming the file (and the line of a bad byte).
+
+    For the text files users write (lists, keypoint files): a file saved in another encoding,
+    or one that cannot be read, gets one clear error line instead of a traceback.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise InputError(f"{path}: cannot be read ({err.strerror or err})") from err
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise InputError(f"{path}, line {line}: not UTF-8 text (byte 0x{data[err.start]:02x}); "
+                         "save the file as UTF-8") from err
+
+
 def image_size(path: str | os.PathLike) -> tuple[int, int] | None:
     """(width, height) from the file's header without decoding the pixels; None if unknown.
 

@@ -252,12 +252,11 @@ def refine_similarity(
 
 # The reference's solver settings (chumpy's dogleg as the NoW evaluation calls it): initial trust
 # radius 0.1, stop when an accepted step gains less than 1e-4 of the sum of squares, at most 200
-# steps; gradient and step-size floors 1e-15; the penalty 100·(|s| − s) keeps the scale positive.
+# steps; gradient and step-size floors 1e-15.
 DOGLEG_INITIAL_RADIUS = 0.1
 DOGLEG_RELATIVE_GAIN = 1e-4
 DOGLEG_MAX_STEPS = 200
 DOGLEG_FLOOR = 1e-15
-SCALE_PENALTY = 100.0
 
 
 def rotation_jacobian(rotvec: np.ndarray, points: np.ndarray) -> np.ndarray:
@@ -286,13 +285,18 @@ def refine_dogleg(
     """Find T(x) = s·R(r)·x + t minimising Σ_i dist(targets_i, T(surface))² as the NoW reference does.
 
     targets: (P, 3) points (the cropped scan); T starts at the identity and rotates about the
-    origin. Residuals are the P point-to-surface distances (plus the scale penalty
-    100·(|s| − s), zero for s > 0, when `with_scale`); their Jacobian holds each closest point at
-    its place on its triangle. Powell's dogleg (Lourakis & Argyros 2005) with the reference
-    settings above: per step, the Cauchy step cut to the trust radius, else the Gauss–Newton step
-    if it fits, else the point on the segment between them at the radius; a trial that does not
-    lower the sum of squares shrinks the radius and is retried. `with_scale=False` fixes s = 1
-    and optimises (r, t) only (metrical track).
+    origin. Residuals are the P point-to-surface distances; their Jacobian holds each closest
+    point at its place on its triangle. Powell's dogleg (Lourakis & Argyros 2005) with the
+    reference settings above: per step, the Cauchy step cut to the trust radius, else the
+    Gauss–Newton step if it fits, else the point on the segment between them at the radius; a
+    trial that does not lower the sum of squares shrinks the radius and is retried.
+    `with_scale=False` fixes s = 1 and optimises (r, t) only (metrical track).
+
+    The scale stays positive: a trial step taking it to zero or below is refused as one that
+    does not lower the sum. (The reference adds the penalty 100·(|s| − s) instead, which lets a
+    step cross zero: on a one-triangle mesh, or a mesh far larger than its landmarks, the scale
+    ended negative and so did the "distances" s·d. For s > 0 the penalty is zero, so the two
+    agree whenever the reference's scale stays positive.)
     """
     targets = np.asarray(targets, dtype=np.float64)
 
@@ -304,25 +308,16 @@ def refine_dogleg(
     def residuals(params: np.ndarray) -> tuple[np.ndarray, np.ndarray, Similarity]:
         t = unpack(params)
         closest, dist, _ = surface.closest(t.inverse_apply(targets))
-        res = t.scale * dist  # distances in the target frame
-        if with_scale:
-            res = np.append(res, SCALE_PENALTY * (abs(t.scale) - t.scale))
-        return res, closest, t
+        return t.scale * dist, closest, t  # distances in the target frame
 
     def jacobian(params: np.ndarray, res: np.ndarray, closest: np.ndarray, t: Similarity) -> np.ndarray:
-        dist = res[: len(targets)]
-        offset = t.apply(closest) - targets  # (P, 3), ‖offset‖ = dist
-        unit = offset / np.where(dist > 0, dist, 1.0)[:, None]  # (P, 3); zero rows where dist = 0
+        offset = t.apply(closest) - targets  # (P, 3), ‖offset‖ = res
+        unit = offset / np.where(res > 0, res, 1.0)[:, None]  # (P, 3); zero rows where res = 0
         d_rot = t.scale * np.einsum("pi,pij->pj", unit, rotation_jacobian(params[-6:-3], closest))  # (P, 3)
         columns = [d_rot, unit]
         if with_scale:
             columns.insert(0, (unit * (closest @ t.rotation.T)).sum(1, keepdims=True))  # ∂d/∂s (P, 1)
-        jac = np.concatenate(columns, axis=1)  # (P, 7) or (P, 6)
-        if with_scale:
-            penalty_row = np.zeros((1, jac.shape[1]))
-            penalty_row[0, 0] = SCALE_PENALTY * (np.sign(t.scale) - 1.0)
-            jac = np.concatenate([jac, penalty_row])
-        return jac
+        return np.concatenate(columns, axis=1)  # (P, 7) or (P, 6)
 
     params = np.concatenate([[1.0] if with_scale else [], np.zeros(6)])
     res, closest, t = residuals(params)
@@ -350,13 +345,15 @@ def refine_dogleg(
                 stop = True
                 break
             trial = params + step
-            trial_res, trial_closest, trial_t = residuals(trial)
-            evaluations += 1
-            energy, trial_energy = float(res @ res), float(trial_res @ trial_res)
-            gain = energy - trial_energy
-            predicted = energy - float(np.sum((res + jac @ step) ** 2))
-            ratio = gain / predicted if gain > 0 else gain
-            improved = gain > 0
+            improved, ratio = False, -1.0  # a step taking the scale to zero or below fails
+            if not with_scale or trial[0] > 0:
+                trial_res, trial_closest, trial_t = residuals(trial)
+                evaluations += 1
+                energy, trial_energy = float(res @ res), float(trial_res @ trial_res)
+                gain = energy - trial_energy
+                predicted = energy - float(np.sum((res + jac @ step) ** 2))
+                ratio = gain / predicted if gain > 0 else gain
+                improved = gain > 0
             if improved:
                 params, res, closest, t = trial, trial_res, trial_closest, trial_t
                 if gain / energy < relative_gain:
@@ -374,4 +371,4 @@ def refine_dogleg(
             if stop or improved:
                 break
     logger.debug("refine_dogleg: %d steps, %d evaluations, energy %.6g", steps, evaluations, float(res @ res))
-    return Refinement(t, res[: len(targets)], steps, evaluations)
+    return Refinement(t, res, steps, evaluations)

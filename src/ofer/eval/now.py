@@ -6,7 +6,8 @@ corners, nose bottom, mouth corners, in NoW order):
 
 1. crop the scan: bridge = (L1+L2)/2, centre = L4 + 0.3·(bridge − L4),
    r = 1.4·(‖L0−L3‖ + ‖bridge−L4‖)/2; keep the scan vertices within r of the centre. Scans
-   are read with every vertex as stored (`read_scan_vertices`: no merging, no dropping);
+   are read with every vertex as stored (`ofer.eval.scans.read_scan_vertices`: the `v` lines
+   of an .obj, the vertex element of a .ply; no splitting at texture seams, no dropping);
 2. similarity Procrustes from the predicted landmarks to the scan landmarks. As in the
    reference evaluation the SVD solution is used as is, so a reflection is not excluded; a
    reflection (left/right swapped landmarks) or a large landmark residual is warned about;
@@ -14,7 +15,8 @@ corners, nose bottom, mouth corners, in NoW order):
    distances from the cropped scan vertices to the mesh surface. Default (`official`): the
    reference's dogleg rotating about the origin, stopping when a step gains less than 1e-4 of
    the sum of squares or after 200 steps (`refine_dogleg`); `converged`: ours, run on to a
-   relative gain of 1e-6 about the scan's centroid (`refine_similarity`);
+   relative gain of 1e-6 about the scan's centroid (`refine_similarity`). Both keep the scale
+   positive (the reference's penalty let it cross zero on degenerate meshes);
 4. the error of each cropped scan vertex is its exact distance to the mesh surface
    (triangle interior, edge or vertex).
 
@@ -50,7 +52,10 @@ Flat layout — list lines `<name>` without a slash:
   scan        <gt>/<name>.obj|.ply  with  <gt>/<name>.pp | <gt>/<name>_lmk7.npy
 
 A missing prediction (mesh or landmarks) is counted and listed, not fatal; a missing or
-malformed scan is an error. `--check-alignment DIR` writes, per image, the aligned prediction
+malformed scan (non-finite vertices or landmarks included) is an error, and so is a prediction
+NoW cannot measure (`check_prediction`: face indices outside the vertices, non-finite
+vertices, fewer than 100 triangles of non-zero area, a size no unit explains, landmarks not of
+the mesh's size): one error naming the file, exit 2, rather than a meaningless number. `--check-alignment DIR` writes, per image, the aligned prediction
 and the cropped scan (`DIR/<name>/aligned_prediction.ply`, `cropped_scan.ply`) for inspection.
 
 Usage: python -m ofer.eval.now --pred DIR --gt DIR --list FILE [--metrical [--unit mm|cm|m]]
@@ -73,7 +78,8 @@ import numpy as np
 
 from ofer.eval import exit_code, write_json_report
 from ofer.eval.geometry import MeshSurface, Similarity, refine_dogleg, refine_similarity, similarity_procrustes
-from ofer.io import InputError, load_array, read_mesh, write_ply
+from ofer.eval.scans import read_scan_vertices
+from ofer.io import InputError, check_values, load_array, read_mesh, read_text, write_ply
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +90,12 @@ UNIT_FACTORS = {"mm": 1.0, "cm": 10.0, "m": 1000.0}  # prediction unit -> millim
 REFINEMENTS = ("official", "converged")
 UNIT_RATIO_LIMIT = 3.0  # units differ by 10x: a face 3x too small or large says another unit
 LANDMARK_RMS_WARNING_MM = 10.0  # 7-landmark fit residual (RMS, mm) above which a mistake is likely
+# Predictions NoW cannot measure are refused (`check_prediction`): a face mesh has thousands of
+# triangles (FLAME 9,976) and, in any unit a head is given in (~0.3 m, 30 cm, 300 mm), a
+# bounding-box diagonal within these limits; its outer eye corners span about a fifth to a half of it.
+MIN_TRIANGLES = 100
+MESH_SIZE_LIMITS = (0.01, 10_000.0)
+EYE_SPAN_TO_MESH_LIMITS = (0.02, 2.0)
 
 
 @dataclass(frozen=True)
@@ -188,34 +200,48 @@ def read_landmarks(path: str | os.PathLike) -> np.ndarray:
             raise InputError(f"{path}: not a readable landmark text file ({err})") from err
     if points.shape == (1, NUM_LANDMARKS, 3):
         points = points[0]
-    if points.shape != (NUM_LANDMARKS, 3) or not np.isfinite(points).all():
-        raise InputError(f"{path}: expected {NUM_LANDMARKS} finite 3-D landmarks (7, 3), found shape {points.shape}")
-    return np.asarray(points, dtype=np.float64)
+    if points.shape != (NUM_LANDMARKS, 3):
+        raise InputError(f"{path}: expected {NUM_LANDMARKS} 3-D landmarks (7, 3), found shape {points.shape}")
+    check_values(f"{path}: landmarks", points, -np.inf, np.inf)  # NaN or infinite values
+    points = np.asarray(points, dtype=np.float64)
+    if np.linalg.norm(points - points.mean(0), axis=1).max() == 0:
+        raise InputError(f"{path}: the {NUM_LANDMARKS} landmarks coincide")
+    return points
 
 
-def read_scan_vertices(path: str | os.PathLike) -> np.ndarray:
-    """Every vertex of a scan (N, 3) as stored, in file order.
+def check_prediction(vertices: np.ndarray, faces: np.ndarray, landmarks: np.ndarray, mesh_path: Path,
+                     landmark_path: Path) -> None:
+    """Refuse a predicted mesh (V, 3), faces (F, 3) and its landmarks (7, 3) that NoW cannot measure.
 
-    An .obj is read from its `v` lines directly: mesh loaders split or merge vertices for
-    texture coordinates and normals, which changes the cropped point set (the reference reads
-    the `v` lines as they are). Other formats (.ply) are read without any processing.
+    Each error names the file: face indices outside the vertices, non-finite vertices, fewer
+    than MIN_TRIANGLES triangles of non-zero area, a size no unit explains (MESH_SIZE_LIMITS,
+    bounding-box diagonal), or landmarks whose outer eye corners do not fit the mesh's size
+    (another unit or another mesh). Such a mesh would otherwise be "aligned" to a scan anyway
+    and give a meaningless number.
     """
-    path = Path(path)
-    if path.suffix.lower() != ".obj":
-        return read_mesh(path)[0]
-    if not path.is_file():
-        raise InputError(f"{path}: scan not found")
-    rows = []
-    with open(path, encoding="utf-8", errors="replace") as file:
-        for number, line in enumerate(file, start=1):
-            if line.startswith("v "):
-                try:
-                    rows.append([float(x) for x in line.split()[1:4]])
-                except ValueError as err:
-                    raise InputError(f"{path}:{number}: not a vertex line ({err})") from err
-    if not rows or any(len(r) != 3 for r in rows):
-        raise InputError(f"{path}: no vertices with 3 coordinates")
-    return np.asarray(rows, dtype=np.float64)
+    if len(faces) == 0:
+        raise InputError(f"{mesh_path}: the predicted mesh has no faces")
+    if faces.min() < 0 or faces.max() >= len(vertices):
+        raise InputError(f"{mesh_path}: face indices span {faces.min()}..{faces.max()}, outside the "
+                         f"{len(vertices)} vertices (0..{len(vertices) - 1})")
+    check_values(f"{mesh_path}: vertices", vertices, -np.inf, np.inf)
+    diagonal = float(np.linalg.norm(np.ptp(vertices[faces.ravel()], axis=0)))
+    low, high = MESH_SIZE_LIMITS
+    if not low <= diagonal <= high:
+        raise InputError(f"{mesh_path}: the mesh is {diagonal:.3g} across (bounding-box diagonal), outside "
+                         f"{low:g}..{high:g} in any unit a head is given in (about 0.3 m, 30 cm, 300 mm)")
+    corners = vertices[faces]  # (F, 3, 3)
+    areas = np.linalg.norm(np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0]), axis=1) / 2
+    n_real = int((areas > 1e-12 * diagonal**2).sum())
+    if n_real < MIN_TRIANGLES:
+        raise InputError(f"{mesh_path}: only {n_real} triangle(s) of non-zero area (at least {MIN_TRIANGLES}; "
+                         "a face mesh has thousands)")
+    ratio = float(np.linalg.norm(landmarks[0] - landmarks[3])) / diagonal
+    low, high = EYE_SPAN_TO_MESH_LIMITS
+    if not low <= ratio <= high:
+        raise InputError(f"{landmark_path}: the outer eye corners (L0, L3) are {ratio:.3g} times the size of "
+                         f"the mesh {mesh_path} (expected {low:g}..{high:g}): landmarks and mesh in different units, "
+                         "or not the same face?")
 
 
 def crop_scan(scan_vertices: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
@@ -312,7 +338,7 @@ def read_list(path: str | os.PathLike) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: list file not found")
-    lines = [line.strip() for line in path.read_text().splitlines()]
+    lines = [line.strip() for line in read_text(path).splitlines()]
     return [line for line in lines if line and not line.startswith("#")]
 
 
@@ -348,9 +374,8 @@ def evaluate_now(lines: Sequence[str], pred_dir: str | os.PathLike, gt_dir: str 
                 raise InputError(f"{item.scan_landmarks}: the NoW crop keeps no vertex of {item.scan_mesh}")
             scans[key] = (cropped, scan_landmarks)
         vertices, faces = read_mesh(item.pred_mesh)
-        if len(faces) == 0:
-            raise InputError(f"{item.pred_mesh}: the predicted mesh has no faces")
         pred_landmarks = read_landmarks(item.pred_landmarks)
+        check_prediction(vertices, faces, pred_landmarks, item.pred_mesh, item.pred_landmarks)
         if metrical:
             check_unit(pred_landmarks, scans[key][1], unit, item.pred_landmarks)
         result = scan_to_mesh_distances(vertices, faces, pred_landmarks, *scans[key], metrical=metrical,

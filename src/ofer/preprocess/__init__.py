@@ -12,67 +12,44 @@ For each photo we need two crops of one face:
 One module per concern: `alignment` (template, similarity fits, boxes), `crops` (the two
 warps and the ArcFace input), `mtcnn` and `detectors` (finding the face), `keypoint_files`
 (keypoints given by the user), `batch` (a folder of photos, guarded per photo, with a report)
-and `cli` (`python -m ofer.preprocess`). The names below are the public API.
+and `cli` (`python -m ofer.preprocess`), `interrupts` (SIGTERM as Ctrl-C). The names below are
+the public API; they are imported on first use, so that `python -m ofer.preprocess` can take
+over SIGTERM before OpenCV and torch load.
 """
 
-from ofer.preprocess.alignment import (
-    ARCFACE_TEMPLATE,
-    FACE_BOX_IN_TEMPLATE,
-    FARL_BOX_SCALE,
-    arcface_matrix_224_to_112,
-    box_from_keypoints,
-    compose_affine,
-    farl_matrix,
-    five_keypoints,
-    similarity_transform,
-    transform_points,
-    typical_arcface_matrix,
-)
-from ofer.preprocess.batch import IMAGE_SUFFIXES, MAX_IMAGE_PIXELS, list_images, run
-from ofer.preprocess.cli import main
-from ofer.preprocess.crops import (
-    PreparedFace,
-    arcface_crop,
-    arcface_input,
-    arcface_to_bgr,
-    farl_crop,
-    inside_fraction,
-    prepare_face,
-)
-from ofer.preprocess.detectors import DETECTORS, InsightFaceDetector, make_detector, pick_face
-from ofer.preprocess.keypoint_files import KeypointEntry, load_keypoints, lookup_keypoints
-from ofer.preprocess.mtcnn import MTCNNDetector
+from __future__ import annotations
 
-__all__ = [
-    "ARCFACE_TEMPLATE",
-    "DETECTORS",
-    "FACE_BOX_IN_TEMPLATE",
-    "FARL_BOX_SCALE",
-    "IMAGE_SUFFIXES",
-    "MAX_IMAGE_PIXELS",
-    "InsightFaceDetector",
-    "KeypointEntry",
-    "MTCNNDetector",
-    "PreparedFace",
-    "arcface_crop",
-    "arcface_input",
-    "arcface_matrix_224_to_112",
-    "arcface_to_bgr",
-    "box_from_keypoints",
-    "compose_affine",
-    "farl_crop",
-    "farl_matrix",
-    "five_keypoints",
-    "inside_fraction",
-    "list_images",
-    "load_keypoints",
-    "lookup_keypoints",
-    "main",
-    "make_detector",
-    "pick_face",
-    "prepare_face",
-    "run",
-    "similarity_transform",
-    "transform_points",
-    "typical_arcface_matrix",
-]
+import importlib
+from typing import Any
+
+_PUBLIC = {
+    "alignment": (
+        "ARCFACE_TEMPLATE", "FACE_BOX_IN_TEMPLATE", "FARL_BOX_SCALE", "arcface_matrix_224_to_112",
+        "box_from_keypoints", "compose_affine", "farl_matrix", "five_keypoints", "similarity_transform",
+        "transform_points", "typical_arcface_matrix",
+    ),
+    "batch": ("IMAGE_SUFFIXES", "MAX_IMAGE_PIXELS", "list_images", "run"),
+    "cli": ("main",),
+    "crops": (
+        "PreparedFace", "arcface_crop", "arcface_input", "arcface_to_bgr", "farl_crop", "inside_fraction",
+        "prepare_face",
+    ),
+    "detectors": ("DETECTORS", "InsightFaceDetector", "make_detector", "pick_face", "plausible_faces"),
+    "keypoint_files": ("KeypointEntry", "load_keypoints", "lookup_keypoints"),
+    "mtcnn": ("MTCNNDetector",),
+}
+_MODULE_OF = {name: module for module, names in _PUBLIC.items() for name in names}
+__all__ = [name for names in _PUBLIC.values() for name in names]
+
+
+def __getattr__(name: str) -> Any:
+    """Import the public name's module on first use (PEP 562)."""
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_MODULE_OF[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

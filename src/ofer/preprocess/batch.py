@@ -6,7 +6,11 @@ photo, and only then write `<out>/<name>.jpg` (224 FaRL crop) and `<out>/<name>.
 input). Any failure of one photo, whatever raised it, is recorded in
 `<out>/preprocess_report.json` with the reason, its files are removed, and the run goes on.
 The report and `<out>/list.txt` (the names processed) are written at the end, also when the
-run is interrupted (Ctrl-C) or stopped by an unexpected error.
+run is interrupted (Ctrl-C, SIGTERM) or stopped by an unexpected error.
+
+Input files are never written, replaced or deleted: an output folder holding any input (a
+photo, the list file, the keypoint file) is refused before any work, whatever form `--input`
+takes.
 """
 
 from __future__ import annotations
@@ -27,11 +31,12 @@ from ofer.io import (
     check_output_folder,
     failure_reason,
     read_image,
+    read_text,
     save_npy,
     write_image,
 )
 from ofer.preprocess.crops import PreparedFace, inside_fraction, prepare_face
-from ofer.preprocess.detectors import DEFAULT_DETECTOR, Detector, make_detector, pick_face
+from ofer.preprocess.detectors import DEFAULT_DETECTOR, Detector, make_detector, pick_face, plausible_faces
 from ofer.preprocess.keypoint_files import KeypointEntry, load_keypoints, lookup_keypoints
 from ofer.progress import progress
 
@@ -43,6 +48,14 @@ MAX_IMAGE_PIXELS = 120_000_000
 # Smallest share of each crop that must come from the photo rather than the black border.
 MIN_INSIDE_FRACTION = 0.5
 KEYPOINT_NAMES = ("left eye", "right eye", "nose tip", "left mouth corner", "right mouth corner")
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM during a run, raised once the report (`.report`) is written."""
+
+    def __init__(self, report: dict):
+        super().__init__("interrupted")
+        self.report = report
 
 
 def list_images(input_path: Path) -> list[tuple[Path, str]]:
@@ -60,9 +73,10 @@ def list_images(input_path: Path) -> list[tuple[Path, str]]:
     if input_path.suffix.lower() in IMAGE_SUFFIXES:
         return [(input_path, input_path.name)]
     try:
-        lines = input_path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as err:
-        raise InputError(f"{input_path}: not an image suffix ({', '.join(IMAGE_SUFFIXES)}) nor a text list ({err})")
+        lines = read_text(input_path).splitlines()
+    except InputError as err:
+        raise InputError(f"{err}; --input takes a folder, an image ({', '.join(IMAGE_SUFFIXES)}) "
+                         "or a UTF-8 text file listing images") from err
     images = []
     for line in lines:
         entry = line.strip()
@@ -70,6 +84,31 @@ def list_images(input_path: Path) -> list[tuple[Path, str]]:
             path = Path(entry)
             images.append((path if path.is_absolute() else input_path.parent / path, entry))
     return images
+
+
+def check_inputs_outside(out_dir: Path, inputs: list[Path]) -> None:
+    """Refuse an output folder that holds any of the input files (before any work).
+
+    Preprocessing writes `<name>.jpg`, `<name>.npy`, `list.txt` and `preprocess_report.json`
+    into `out_dir` and removes a failed photo's two files there, so an input in that folder
+    could be replaced or deleted; the same folder reached through a link counts too.
+    """
+    out_resolved = out_dir.resolve()
+    out_stat = out_dir.stat() if out_dir.is_dir() else None
+    clashes = []
+    for path in inputs:
+        folder = path.parent
+        same = folder.resolve() == out_resolved or (
+            out_stat is not None and folder.is_dir() and os.path.samestat(folder.stat(), out_stat)
+        )
+        if same:
+            clashes.append(path)
+    if clashes:
+        more = f" and {len(clashes) - 1} more" if len(clashes) > 1 else ""
+        raise InputError(
+            f"{out_dir}: the output folder holds input files ({clashes[0].name}{more}), which preprocessing "
+            "could overwrite or delete; choose an --out folder that holds none of the inputs"
+        )
 
 
 def check_face_in_photo(face: PreparedFace, image_shape: tuple[int, ...]) -> None:
@@ -91,21 +130,45 @@ def check_face_in_photo(face: PreparedFace, image_shape: tuple[int, ...]) -> Non
             )
 
 
+def _box_area(box: np.ndarray) -> float:
+    return float(np.prod(np.maximum(box[2:] - box[:2], 0.0)))
+
+
 def _find_face(
     image: np.ndarray, relative: str, keypoints: dict[str, KeypointEntry] | None, detector: Detector | None,
     min_score: float,
-) -> tuple[np.ndarray, np.ndarray | None, float | None]:
-    """Keypoints (5, 2), box (4,) or None, and detector score (or None) of the face to crop."""
+) -> tuple[np.ndarray, np.ndarray | None, dict]:
+    """Keypoints (5, 2) and box (4,) or None of the face to crop, and what the report says of the choice.
+
+    With a detector the report gets the score of the face taken, how many faces scored at
+    least `min_score` and the others' boxes and scores; several plausible faces, or a larger
+    one passed over for a more confident one, are warned about.
+    """
     if keypoints is not None:
         entry = lookup_keypoints(keypoints, relative)
         if entry is None:
             raise InputError(f"no keypoints for {relative!r} in the keypoint file")
-        return entry.kps5, entry.box, None
+        return entry.kps5, entry.box, {}
     boxes, scores, kps = detector.detect(image)
     index = pick_face(boxes, scores, kps, image.shape, min_score)
     if index is None:
         raise InputError(f"no face found (detections: {len(scores)}, min score {min_score})")
-    return kps[index], boxes[index], float(scores[index])
+    others = [i for i in np.flatnonzero(np.asarray(scores) >= min_score) if i != index]
+    plausible = set(plausible_faces(scores, min_score).tolist())
+    doubtful = [i for i in others if i in plausible or _box_area(boxes[i]) > _box_area(boxes[index])]
+    if doubtful:
+        logger.warning(
+            "%s: %d faces found; took the one at %s (score %.3f) by the rule 'confident, then large, then central'; "
+            "also plausible: %s", relative, len(others) + 1, np.round(boxes[index]).astype(int).tolist(),
+            scores[index], ", ".join(f"{np.round(boxes[i]).astype(int).tolist()} (score {scores[i]:.3f})"
+                                     for i in doubtful),
+        )
+    choice = {
+        "score": round(float(scores[index]), 4),
+        "faces_found": len(others) + 1,
+        "other_faces": [{"box": np.round(boxes[i], 2).tolist(), "score": round(float(scores[i]), 4)} for i in others],
+    }
+    return kps[index], boxes[index], choice
 
 
 def process_image(
@@ -119,7 +182,7 @@ def process_image(
 ) -> dict:
     """Crop one photo, write `<name>.jpg` and `<name>.npy`; return its report entry."""
     image = read_image(image_path, max_pixels)
-    kps5, box, score = _find_face(image, relative, keypoints, detector, min_score)
+    kps5, box, choice = _find_face(image, relative, keypoints, detector, min_score)
     face = prepare_face(image, kps5, box)
     check_face_in_photo(face, image.shape)
     name = Path(relative).stem
@@ -131,9 +194,8 @@ def process_image(
         "box": face.box.round(2).tolist(),
         "kps5": face.kps5.round(2).tolist(),
         "box_estimated": box is None,
+        **choice,
     }
-    if score is not None:
-        entry["score"] = round(score, 4)
     return entry
 
 
@@ -169,19 +231,23 @@ def run(
         max_pixels: larger photos are refused from their header.
     Returns:
         {"input", "detector", "processed": [...], "failed": [{"image", "reason"}],
-         "interrupted": bool, "not_attempted": int}; also written to the output folder.
+         "interrupted": bool, "not_attempted": int}; also written to the output folder. With a
+        detector, each processed entry also holds the face's "score", "faces_found" (detections
+        scoring at least `min_score`) and "other_faces" (their boxes and scores).
     Raises:
         InputError (before any photo is processed) for a missing or empty input, an output
-        folder that cannot be written, or a bad keypoint file.
+        folder that cannot be written or that holds an input file, or a bad keypoint file.
     """
     input_path, out_dir = Path(input_path), Path(out_dir)
     if keypoints is not None and detector is not None:
         raise ValueError("give a detector or keypoints, not both")
-    if input_path.is_dir() and out_dir.exists() and input_path.resolve() == out_dir.resolve():
-        raise InputError(f"{out_dir}: the output folder must differ from the input folder")
     images = list_images(input_path)
     if not images:
         raise InputError(f"{input_path}: no images found (suffixes {', '.join(IMAGE_SUFFIXES)})")
+    inputs = [path for path, _ in images] + ([input_path] if input_path.is_file() else [])
+    if keypoints is not None and not isinstance(keypoints, dict):
+        inputs.append(Path(keypoints))
+    check_inputs_outside(out_dir, list(dict.fromkeys(inputs)))  # a single photo is also the input path
     if keypoints is not None:
         table = keypoints if isinstance(keypoints, dict) else load_keypoints(keypoints)
         found_by, face_finder = "keypoint file", None
@@ -219,6 +285,8 @@ def run(
                     used_names[name] = str(image_path)
                 report["not_attempted"] -= 1
         report["interrupted"] = False
+    except KeyboardInterrupt as err:
+        raise RunInterrupted(report) from err
     finally:
         _write_report(out_dir, report)
     return report

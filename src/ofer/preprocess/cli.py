@@ -5,7 +5,9 @@
     python -m ofer.preprocess --input PHOTOS --out CROPS --detector scrfd [--detector-dir DIR] [--allow-download]
 
 Exit status: 0 when every photo was processed, 1 when any failed (see the report), 2 for a
-bad command line or input, 130 when interrupted (the report is written all the same).
+bad command line or input (an output folder holding input files included), 130 when
+interrupted by Ctrl-C or SIGTERM (the report is written all the same once photos were being
+processed).
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ofer.io import InputError
-from ofer.preprocess.batch import MAX_IMAGE_PIXELS, run
+from ofer.preprocess.batch import MAX_IMAGE_PIXELS, RunInterrupted, run
 from ofer.preprocess.detectors import DEFAULT_DETECTOR, DEFAULT_DETECTOR_DIR, DETECTORS, make_detector
+from ofer.preprocess.interrupts import EXIT_INTERRUPTED, sigterm_interrupts
 
 logger = logging.getLogger(__name__)
 
@@ -71,20 +74,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--detector-dir and --allow-download apply to --detector scrfd only")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        if args.keypoints is not None:
-            source = {"keypoints": args.keypoints}
-        else:
-            name = "scrfd" if scrfd_options else (args.detector or DEFAULT_DETECTOR)
-            source = {"detector": make_detector(name, args.detector_dir, args.min_score, args.allow_download)}
-        report = run(
-            args.input, args.out, min_score=args.min_score, max_pixels=int(args.max_megapixels * 1e6), **source
-        )
+        with sigterm_interrupts():
+            if args.keypoints is not None:
+                source = {"keypoints": args.keypoints}
+            else:
+                name = "scrfd" if scrfd_options else (args.detector or DEFAULT_DETECTOR)
+                source = {"detector": make_detector(name, args.detector_dir, args.min_score, args.allow_download)}
+            report = run(
+                args.input, args.out, min_score=args.min_score, max_pixels=int(args.max_megapixels * 1e6), **source
+            )
     except (InputError, ImportError) as err:
         logger.error("%s", err)
         return 2
-    except KeyboardInterrupt:
+    except RunInterrupted:
         logger.error("interrupted; the report lists what was done: %s", args.out / "preprocess_report.json")
-        return 130
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        logger.error("interrupted before any photo was processed; nothing was written")
+        return EXIT_INTERRUPTED
     n_ok, n_failed = len(report["processed"]), len(report["failed"])
     print(f"processed {n_ok} image(s), failed {n_failed}; report: {args.out / 'preprocess_report.json'}")
     return 0 if n_failed == 0 else 1

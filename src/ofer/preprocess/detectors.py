@@ -37,28 +37,59 @@ class Detector(Protocol):
     def detect(self, image_bgr: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
 
 
-def pick_face(
-    boxes: np.ndarray, scores: np.ndarray, kps: np.ndarray, image_shape: Sequence[int], min_score: float = 0.0
-) -> int | None:
-    """Index of the detection whose box centre is nearest the image centre, or None.
+# The face-choice rule (see `pick_face`): a detection scoring more than SCORE_MARGIN below the best
+# one is taken for a doubtful face (on skimage's astronaut at 2.5x-4x, MTCNN also finds the
+# spacesuit at 0.85-0.90 against the face's 1.00); among the rest, boxes at least AREA_TIE of the
+# largest box's area count as equally large.
+SCORE_MARGIN = 0.1
+AREA_TIE = 0.8
 
-    Args:
-        boxes: (N, 4) x1, y1, x2, y2. scores: (N,). kps: (N, 5, 2) (checked for shape only).
-        image_shape: (H, W, ...) of the photo.
-        min_score: detections scoring below it are ignored.
-    """
+
+def _check_detections(boxes: np.ndarray, scores: np.ndarray, kps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
     if len(scores) != len(boxes) or np.asarray(kps).reshape(-1, 5, 2).shape[0] != len(boxes):
         raise ValueError(
             f"pick_face: {len(boxes)} boxes, {len(scores)} scores and {np.shape(kps)} keypoints disagree"
         )
+    return boxes, scores
+
+
+def plausible_faces(scores: np.ndarray, min_score: float = 0.0) -> np.ndarray:
+    """Indices of the detections scoring at least `min_score` and within SCORE_MARGIN of the best."""
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
     keep = np.flatnonzero(scores >= min_score)
     if keep.size == 0:
+        return keep
+    return keep[scores[keep] >= scores[keep].max() - SCORE_MARGIN]
+
+
+def pick_face(
+    boxes: np.ndarray, scores: np.ndarray, kps: np.ndarray, image_shape: Sequence[int], min_score: float = 0.0
+) -> int | None:
+    """Index of the face to crop, or None when no detection scores `min_score`.
+
+    The rule prefers confident, then large faces; the centre only breaks ties:
+    1. detections scoring below `min_score` are ignored;
+    2. of the rest, only those scoring within SCORE_MARGIN (0.1) of the best score are
+       plausible (`plausible_faces`): a clearly less confident detection is a doubtful face;
+    3. of those, the largest box wins; boxes of at least AREA_TIE (0.8) of its area count as
+       equally large, and among them the one whose centre is nearest the photo's centre wins.
+
+    Args:
+        boxes: (N, 4) x1, y1, x2, y2. scores: (N,). kps: (N, 5, 2) (checked for shape only).
+        image_shape: (H, W, ...) of the photo.
+        min_score: detections scoring below it are ignored.
+    """
+    boxes, scores = _check_detections(boxes, scores, kps)
+    plausible = plausible_faces(scores, min_score)
+    if plausible.size == 0:
         return None
-    centres = (boxes[keep, :2] + boxes[keep, 2:]) / 2  # (n, 2) x, y
+    areas = np.prod(np.maximum(boxes[plausible, 2:] - boxes[plausible, :2], 0.0), axis=1)  # (n,)
+    large = plausible[areas >= AREA_TIE * areas.max()]
+    centres = (boxes[large, :2] + boxes[large, 2:]) / 2  # (n, 2) x, y
     image_centre = np.array([image_shape[1], image_shape[0]], dtype=np.float64) / 2
-    return int(keep[np.argmin(((centres - image_centre) ** 2).sum(axis=1))])
+    return int(large[np.argmin(((centres - image_centre) ** 2).sum(axis=1))])
 
 
 class InsightFaceDetector:

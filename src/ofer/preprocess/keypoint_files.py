@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ofer.io import InputError
+from ofer.io import InputError, read_text
 from ofer.preprocess.alignment import check_box, check_points
 
 
@@ -93,10 +93,7 @@ def load_keypoints(path: str | os.PathLike) -> dict[str, KeypointEntry]:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: keypoint file not found")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise InputError(f"{path}: not a UTF-8 text file ({err})") from err
+    text = read_text(path)
     loader = _load_keypoints_json if path.suffix.lower() == ".json" else _load_keypoints_txt
     table = loader(path, text)
     if not table:
