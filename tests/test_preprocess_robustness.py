@@ -327,5 +327,5 @@ def test_sigterm_stops_like_ctrl_c_with_the_report_written(tmp_path):
 
     early = _python(_SIGTERM_DURING_IMPORTS, "--input", str(photos), "--out", str(tmp_path / "early"), cwd=tmp_path)
     assert early.returncode == 130, early.stderr
-    assert early.stderr.strip().splitlines()[-1] == "ERROR ofer.preprocess: interrupted while starting; nothing was done"
+    assert early.stderr.strip().splitlines()[-1] == "python -m ofer.preprocess: interrupted while starting; nothing was done"
     assert not (tmp_path / "early").exists()

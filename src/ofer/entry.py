@@ -9,11 +9,13 @@ during the import ends the command with 130 and one line saying that nothing was
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 EXIT_INTERRUPTED = 130
@@ -31,15 +33,27 @@ def sigterm_as_interrupt() -> Callable | int | None:
     return signal.signal(signal.SIGTERM, raise_interrupt)
 
 
-def run_command(module: str, function: str = "main", *args: Any) -> Any:
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """Within the block, SIGTERM raises KeyboardInterrupt (main thread only); the previous handler after it."""
+    previous = sigterm_as_interrupt()
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def run_command(module: str, function: str = "main", *args: Any, prog: str | None = None) -> Any:
     """Import `module` with SIGTERM handled as Ctrl-C, then return `module.function(*args)`.
 
-    An interrupt while importing exits with 130 (EXIT_INTERRUPTED) and one line on stderr.
+    An interrupt while importing exits with 130 (EXIT_INTERRUPTED) and one line on stderr,
+    naming `prog` (default: the script's file name).
     """
     sigterm_as_interrupt()
     try:
         command = getattr(importlib.import_module(module), function)
     except KeyboardInterrupt:
-        sys.stderr.write(f"{sys.argv[0]}: interrupted while starting; nothing was done\n")
+        sys.stderr.write(f"{prog or Path(sys.argv[0]).name}: interrupted while starting; nothing was done\n")
         sys.exit(EXIT_INTERRUPTED)
     return command(*args)

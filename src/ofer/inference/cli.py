@@ -24,14 +24,11 @@ failed; 2 bad config, list, assets or output folder (nothing reconstructed); 130
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import posixpath
-import signal
 import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -47,7 +44,7 @@ from ofer.api import (
 )
 from ofer.config import Config, ConfigError, load_config
 from ofer.diffusion.samplers import SAMPLERS
-from ofer.entry import sigterm_as_interrupt
+from ofer.entry import sigterm_interrupts
 from ofer.inference.layout import IMAGE_SUFFIXES, MESH_FORMATS, done_marker, output_name
 from ofer.inference.outfolder import OutputLock, lock_holder
 from ofer.inference.ranks import Ranks
@@ -151,17 +148,6 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     finally:
         ranks.close()
-
-
-@contextlib.contextmanager
-def sigterm_interrupts() -> Iterator[None]:
-    """Turn SIGTERM (a scheduler or torchrun stopping the job) into KeyboardInterrupt, like Ctrl-C."""
-    previous = sigterm_as_interrupt()
-    try:
-        yield
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
 
 
 def run(args: argparse.Namespace, ranks: Ranks) -> int:

@@ -12,7 +12,7 @@ For each photo we need two crops of one face:
 One module per concern: `alignment` (template, similarity fits, boxes), `crops` (the two
 warps and the ArcFace input), `mtcnn` and `detectors` (finding the face), `keypoint_files`
 (keypoints given by the user), `batch` (a folder of photos, guarded per photo, with a report)
-and `cli` (`python -m ofer.preprocess`), `interrupts` (SIGTERM as Ctrl-C). The names below are
+and `cli` (`python -m ofer.preprocess`). The names below are
 the public API; they are imported on first use, so that `python -m ofer.preprocess` can take
 over SIGTERM before OpenCV and torch load.
 """

@@ -6,14 +6,6 @@ during start-up then exits 130, as one during the run does (which also writes th
 
 import sys
 
-from ofer.preprocess.interrupts import EXIT_INTERRUPTED, sigterm_interrupts
+from ofer.entry import run_command
 
-with sigterm_interrupts():
-    try:
-        from ofer.preprocess.cli import main
-
-        status = main()
-    except KeyboardInterrupt:  # before main() could take over: nothing was done
-        sys.stderr.write("ERROR ofer.preprocess: interrupted while starting; nothing was done\n")
-        status = EXIT_INTERRUPTED
-sys.exit(status)
+sys.exit(run_command("ofer.preprocess.cli", prog="python -m ofer.preprocess"))

@@ -18,10 +18,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from ofer.entry import EXIT_INTERRUPTED, sigterm_interrupts
 from ofer.io import InputError
 from ofer.preprocess.batch import MAX_IMAGE_PIXELS, RunInterrupted, run
 from ofer.preprocess.detectors import DEFAULT_DETECTOR, DEFAULT_DETECTOR_DIR, DETECTORS, make_detector
-from ofer.preprocess.interrupts import EXIT_INTERRUPTED, sigterm_interrupts
 
 logger = logging.getLogger(__name__)
 
