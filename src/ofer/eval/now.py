@@ -37,7 +37,7 @@ NoW layout — list lines `<subject>/<challenge>/<image>.jpg`
 (e.g. `FaMoS_180424_03335_TA/multiview_neutral/IMG_0101.jpg`, as in the NoW image lists):
   prediction  <pred>/<subject>/<challenge>/<image stem>.obj|.ply  (.obj first, as the reference)
               <pred>/<subject>/<challenge>/<image stem>.npy|.txt  (7, 3) or (1, 7, 3) landmarks
-              or test.py's <pred>/shapesample/<subject>/<challenge>/<stem>_0.ply with
+              or test.py's <pred>/shapesample/<subject>/<challenge>/<stem>_0.ply|.obj with
               <pred>/<subject>/<challenge>/<stem>/kpt7.npy
   scan        <gt>/scans/<subject>/*.obj                  the first in name order, as the reference
               <gt>/scans_lmks_onlypp/<subject>/*.pp       (MeshLab picked points), likewise
@@ -47,7 +47,7 @@ NoW layout — list lines `<subject>/<challenge>/<image>.jpg`
   several.)
 
 Flat layout — list lines `<name>` without a slash:
-  prediction  <pred>/<name>.obj|.ply, or test.py's <pred>/shapesample/<name>_0.ply
+  prediction  <pred>/<name>.obj|.ply, or test.py's <pred>/shapesample/<name>_0.ply|.obj
               <pred>/<name>_kpt7.npy | <pred>/<name>/kpt7.npy | <pred>/<name>.npy|.txt
   scan        <gt>/<name>.obj|.ply  with  <gt>/<name>.pp | <gt>/<name>_lmk7.npy
 
@@ -126,12 +126,12 @@ def _first_match(folder: Path, pattern: str, what: str) -> Path:
 
 
 def _prediction_mesh(pred_dir: Path, stem: str) -> Path | None:
-    """`<pred>/<stem>.obj|.ply` (.obj first, as the reference), else test.py's `<pred>/shapesample/<stem>_0.ply`.
+    """`<pred>/<stem>.obj|.ply` (.obj first, as the reference), else test.py's `<pred>/shapesample/<stem>_0.ply|.obj`.
 
     Both layouts find the mesh alike; `stem` is the list line without the image's suffix.
     """
     return _first_existing([pred_dir / f"{stem}{suffix}" for suffix in MESH_SUFFIXES]
-                           + [pred_dir / "shapesample" / f"{stem}_0.ply"])
+                           + [pred_dir / "shapesample" / f"{stem}_0{suffix}" for suffix in (".ply", ".obj")])
 
 
 def resolve_item(line: str, pred_dir: Path, gt_dir: Path) -> NowItem:
@@ -427,7 +427,12 @@ def format_report(report: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    layouts = __doc__[__doc__.index("Folder layouts"):__doc__.index("A missing prediction")]
+    parser = argparse.ArgumentParser(prog="python -m ofer.eval.now", description=__doc__.split("\n")[0],
+                                     epilog=layouts + "Landmark files: .pp is MeshLab's picked-points XML (7 <point "
+                                     "x= y= z=> in NoW order); .npy/.txt hold (7, 3) or (1, 7, 3) numbers.\n"
+                                     "exit codes: 0 every image evaluated, 1 predictions missing, 2 bad input",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pred", required=True, help="folder of predicted meshes and landmarks")
     parser.add_argument("--gt", required=True, help="NoW final_release_version folder, or a flat scan folder")
     parser.add_argument("--list", required=True, help="image list, one entry per line")
