@@ -278,6 +278,10 @@ def test_now_layout_reads_test_py_outputs(tmp_path):
                  pred / "shapesample" / "S1" / "selfie" / "IMG_1_0.ply", pred / "S1" / "selfie" / "IMG_1" / "kpt7.npy"):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.touch()
+    (pred / "shapesample" / "S1" / "selfie" / "IMG_1_0.ply").rename(pred / "shapesample" / "S1" / "selfie" / "IMG_1_0.obj")
+    assert resolve_item("S1/selfie/IMG_1.jpg", pred, gt).pred_mesh == (  # test.py --mesh-format obj
+        pred / "shapesample" / "S1" / "selfie" / "IMG_1_0.obj")
+    (pred / "shapesample" / "S1" / "selfie" / "IMG_1_0.ply").touch()  # --mesh-format both: the .ply, as before
     item = resolve_item("S1/selfie/IMG_1.jpg", pred, gt)
     assert item.pred_mesh == pred / "shapesample" / "S1" / "selfie" / "IMG_1_0.ply"
     assert item.pred_landmarks == pred / "S1" / "selfie" / "IMG_1" / "kpt7.npy"
