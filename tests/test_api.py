@@ -95,3 +95,24 @@ def test_fast_sampling_of_the_cli_tests_matches_the_api_arguments():
     flags = dict(zip(FAST_SAMPLING[::2], FAST_SAMPLING[1::2]))
     assert {k.lstrip("-").replace("-", "_"): v for k, v in flags.items()} == {
         k: str(v) for k, v in SAMPLING.items() if k not in ("num_shapes", "num_expressions")}
+
+
+def test_a_photo_gives_what_preprocessing_then_test_py_give(model, tmp_path):
+    """reconstruct(photo) = `python -m ofer.preprocess` + reconstruct_crop, for a file and for an array."""
+    skimage_data = pytest.importorskip("skimage.data")
+    import cv2
+
+    from ofer.preprocess import run as preprocess
+
+    photo = np.ascontiguousarray(skimage_data.astronaut()[..., ::-1])  # RGB -> BGR
+    cv2.imwrite(str(tmp_path / "astro.png"), photo)
+    preprocess(tmp_path / "astro.png", tmp_path / "crops")
+    expected = model.reconstruct_crop(tmp_path / "crops" / "astro.jpg", **SAMPLING)
+    for given in (str(tmp_path / "astro.png"), photo):
+        result = model.reconstruct(given, name="astro", **SAMPLING)
+        np.testing.assert_array_equal(result.expression_meshes, expected.expression_meshes)
+        np.testing.assert_array_equal(result.arcface, expected.arcface)
+    with pytest.raises(ImageError, match="the photo array: no face found"):
+        model.reconstruct(np.full((64, 64, 3), 128, np.uint8))
+    with pytest.raises(ImageError, match=r"must be \(H, W, 3\) uint8 BGR, got float32 \(8, 8\)"):
+        model.reconstruct(np.zeros((8, 8), np.float32))

@@ -26,6 +26,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 
@@ -34,8 +35,8 @@ from ofer.device import resolve_device
 from ofer.diffusion.samplers import FIXED_SEQUENCE
 from ofer.diffusion.solvers import SOLVERS
 from ofer.inference.export import write_outputs
-from ofer.inference.pipeline import OferPipeline, Reconstruction, load_inputs
-from ofer.io import failure_reason
+from ofer.inference.pipeline import OferPipeline, Reconstruction, crop_tensors, load_inputs
+from ofer.io import InputError, failure_reason, read_image
 
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]  # the checkout, for load_demo (models/demo/, configs/demo/)
@@ -175,6 +176,7 @@ class OferModel:
     def __init__(self, pipeline: OferPipeline, cfg: Config, checkpoints: dict[str, dict], load_seconds: float = 0.0):
         self.pipeline, self.cfg, self.checkpoints, self.load_seconds = pipeline, cfg, checkpoints, load_seconds
         self.faces = pipeline.flame.faces.cpu().numpy()  # (F, 3)
+        self._detectors: dict[str, Any] = {}  # face detectors by name, built on first use
 
     @property
     def device(self) -> torch.device:
@@ -202,6 +204,41 @@ class OferModel:
         with torch.no_grad():
             vertices = self.pipeline.flame(torch.as_tensor(shapes, dtype=torch.float32, device=self.device))
         return (vertices * 1000.0).cpu().numpy()
+
+    def reconstruct(self, photo: str | Path | np.ndarray, name: str | None = None, detector: str = "mtcnn",
+                    keypoints: np.ndarray | None = None, box: np.ndarray | None = None, min_score: float = 0.5,
+                    **sampling: Any) -> Result:
+        """Reconstruct the face of a photo: a file, or an (H, W, 3) uint8 BGR array as OpenCV reads it.
+
+        The face is found and cropped as `python -m ofer.preprocess` does (`detector` "mtcnn" or
+        "scrfd", faces chosen by its rule; or the 5 `keypoints` (5, 2) in photo pixels, and
+        optionally the face `box`, instead of a detector), and the crop goes through the JPEG
+        encoding the saved crop would, so the result equals preprocessing followed by
+        `reconstruct_crop` (and test.py). `name` (default: the file's stem, "photo" for an
+        array) names the outputs and seeds the samples. Raises ImageError naming the photo.
+        """
+        from ofer.preprocess import KeypointEntry, crop_photo, make_detector
+
+        label = str(photo) if isinstance(photo, (str, Path)) else "the photo array"
+        name = name or (Path(photo).stem if isinstance(photo, (str, Path)) else "photo")
+        test = self.settings(**sampling)
+        try:
+            image = read_image(photo) if isinstance(photo, (str, Path)) else check_photo_array(photo)
+            if keypoints is not None:
+                face, _ = crop_photo(image, name, {name: KeypointEntry(np.asarray(keypoints, float), box)}, None)
+            else:
+                if detector not in self._detectors:
+                    self._detectors[detector] = make_detector(detector, min_score=min_score)
+                face, _ = crop_photo(image, name, None, self._detectors[detector], min_score)
+            crop, arcface = crop_tensors(decode_jpeg(face.crop224), face.arcface, label)
+        except Exception as err:
+            if isinstance(err, InputError) and label not in str(err):  # e.g. "no face found": say in what
+                err = InputError(f"{label}: {err}")
+            raise image_failure(name, f"{label}: cannot be used", err) from err
+        [(_, result)] = self._results([(name, label, crop, arcface)], test)
+        if isinstance(result, ImageError):
+            raise result
+        return result
 
     def reconstruct_crop(self, crop: str | Path, name: str | None = None, **sampling: Any) -> Result:
         """Reconstruct one preprocessed crop (`<crop>.jpg` and its `.npy` beside it, as `ofer.preprocess` writes).
@@ -240,20 +277,23 @@ class OferModel:
         """
         if batch < 1:
             raise ValueError(f"batch must be at least 1, got {batch}")
-        settings = run_settings(self.cfg, test, self.checkpoints)
         for start in range(0, len(items), batch):
-            chunk = items[start : start + batch]
             loaded = []
-            for name, path in chunk:
+            for name, path in items[start : start + batch]:
                 try:
                     loaded.append((name, path, *load_inputs(path)))
                 except Exception as err:
                     yield name, image_failure(name, f"{path}: cannot be used", err)
-            for (name, path, _, arcface), rec in zip(loaded, self._reconstruct(loaded, test)):
-                if isinstance(rec, Exception):
-                    yield name, image_failure(name, f"{path}: reconstruction failed", rec)
-                else:
-                    yield name, Result(name, rec, self.faces, arcface.numpy(), settings, self)
+            yield from self._results(loaded, test)
+
+    def _results(self, loaded: list[tuple], test: TestConfig) -> Iterator[tuple[str, Result | ImageError]]:
+        """(name, Result or ImageError) per loaded (name, source, crop (3, 224, 224), arcface (3, 112, 112)), together."""
+        settings = run_settings(self.cfg, test, self.checkpoints)
+        for (name, source, _, arcface), rec in zip(loaded, self._reconstruct(loaded, test)):
+            if isinstance(rec, Exception):
+                yield name, image_failure(name, f"{source}: reconstruction failed", rec)
+            else:
+                yield name, Result(name, rec, self.faces, arcface.numpy(), settings, self)
 
     def _reconstruct(self, loaded: list[tuple], test: TestConfig) -> list[Reconstruction | Exception]:
         """One result per image; the images of a batch that fails are tried again one at a time."""
@@ -280,6 +320,22 @@ def _import_solvers(test: TestConfig) -> None:
     """Import diffusers now when a solver is used, so its seconds count as loading, not as the first image."""
     if test.sampling in SOLVERS or test.exp_sampling in SOLVERS:
         importlib.import_module("diffusers")
+
+
+def check_photo_array(photo: np.ndarray) -> np.ndarray:
+    """A photo given as an array must be (H, W, 3) uint8 BGR (as cv2.imread gives); InputError otherwise."""
+    photo = np.asarray(photo)
+    if photo.dtype != np.uint8 or photo.ndim != 3 or photo.shape[2] != 3 or min(photo.shape[:2]) < 1:
+        raise InputError(f"the photo array must be (H, W, 3) uint8 BGR, got {photo.dtype} {photo.shape}")
+    return np.ascontiguousarray(photo)
+
+
+def decode_jpeg(crop_bgr: np.ndarray) -> np.ndarray:
+    """The crop as test.py reads it back from the `.jpg` preprocessing writes (same encoder settings)."""
+    ok, encoded = cv2.imencode(".jpg", crop_bgr)
+    if not ok:
+        raise InputError("the face crop could not be JPEG-encoded")
+    return cv2.imdecode(encoded, cv2.IMREAD_COLOR)
 
 
 def image_failure(name: str, context: str, err: Exception) -> ImageError:

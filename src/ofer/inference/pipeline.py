@@ -22,7 +22,7 @@ from ofer.encoders.arcface import configure_single_image_bn
 from ofer.encoders.normalise import clip_normalise_bgr, crop_to_clip_input
 from ofer.flame import FLAME
 from ofer.flame.jaw import jaw_limits_array, jaws_to_pose
-from ofer.io import load_array, read_image
+from ofer.io import check_values, load_array, read_image
 from ofer.models.idrank import load_front_indices, rank_features
 from ofer.models.stages import DiffusionStage, IdRank
 
@@ -59,8 +59,19 @@ def load_inputs(image_path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
     """
     image_path = Path(image_path)
     crop = read_image(image_path, max_pixels=MAX_CROP_PIXELS)
-    arcface = load_array(image_path.with_suffix(".npy"), (3, 112, 112), ARCFACE_RANGE).astype(np.float32)
-    return torch.from_numpy(clip_normalise_bgr(crop_to_clip_input(crop))), torch.from_numpy(arcface)
+    arcface_path = image_path.with_suffix(".npy")
+    return crop_tensors(crop, load_array(arcface_path, (3, 112, 112)), arcface_path)
+
+
+def crop_tensors(crop_bgr: np.ndarray, arcface: np.ndarray, source: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pipeline's inputs from a decoded crop (H, W, 3) uint8 BGR and an ArcFace array (3, 112, 112).
+
+    The array must be finite and within ARCFACE_RANGE (InputError naming `source`).
+    Returns the CLIP-normalised crop (3, 224, 224) and the ArcFace input (3, 112, 112), float32.
+    """
+    check_values(source, arcface, *ARCFACE_RANGE)
+    arcface = np.asarray(arcface, dtype=np.float32)
+    return torch.from_numpy(clip_normalise_bgr(crop_to_clip_input(crop_bgr))), torch.from_numpy(arcface)
 
 
 def encoder_attributes(encoder: nn.Module) -> list[tuple[str, type, dict[str, Any]]]:

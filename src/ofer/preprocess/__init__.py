@@ -28,7 +28,7 @@ _PUBLIC = {
         "box_from_keypoints", "compose_affine", "farl_matrix", "five_keypoints", "similarity_transform",
         "transform_points", "typical_arcface_matrix",
     ),
-    "batch": ("IMAGE_SUFFIXES", "MAX_IMAGE_PIXELS", "list_images", "run"),
+    "batch": ("IMAGE_SUFFIXES", "MAX_IMAGE_PIXELS", "crop_photo", "list_images", "run"),
     "cli": ("main",),
     "crops": (
         "PreparedFace", "arcface_crop", "arcface_input", "arcface_to_bgr", "farl_crop", "inside_fraction",

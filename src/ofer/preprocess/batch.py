@@ -171,6 +171,25 @@ def _find_face(
     return kps[index], boxes[index], choice
 
 
+def crop_photo(
+    image: np.ndarray,
+    relative: str,
+    keypoints: dict[str, KeypointEntry] | None,
+    detector: Detector | None,
+    min_score: float = 0.5,
+) -> tuple[PreparedFace, dict]:
+    """Find the face of one decoded photo (BGR) and make both crops, writing nothing.
+
+    Returns the crops and the report entry's description of them (box, keypoints, the choice
+    among the faces found). Raises InputError when no face is found or the crop is off the photo.
+    """
+    kps5, box, choice = _find_face(image, relative, keypoints, detector, min_score)
+    face = prepare_face(image, kps5, box)
+    check_face_in_photo(face, image.shape)
+    return face, {"box": face.box.round(2).tolist(), "kps5": face.kps5.round(2).tolist(),
+                  "box_estimated": box is None, **choice}
+
+
 def process_image(
     image_path: Path,
     relative: str,
@@ -181,22 +200,11 @@ def process_image(
     max_pixels: int = MAX_IMAGE_PIXELS,
 ) -> dict:
     """Crop one photo, write `<name>.jpg` and `<name>.npy`; return its report entry."""
-    image = read_image(image_path, max_pixels)
-    kps5, box, choice = _find_face(image, relative, keypoints, detector, min_score)
-    face = prepare_face(image, kps5, box)
-    check_face_in_photo(face, image.shape)
+    face, described = crop_photo(read_image(image_path, max_pixels), relative, keypoints, detector, min_score)
     name = Path(relative).stem
     save_npy(out_dir / f"{name}.npy", face.arcface)
     write_image(out_dir / f"{name}.jpg", face.crop224)
-    entry = {
-        "image": str(image_path),
-        "name": name,
-        "box": face.box.round(2).tolist(),
-        "kps5": face.kps5.round(2).tolist(),
-        "box_estimated": box is None,
-        **choice,
-    }
-    return entry
+    return {"image": str(image_path), "name": name, **described}
 
 
 def _remove_outputs(out_dir: Path, name: str) -> None:
