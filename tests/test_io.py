@@ -40,7 +40,7 @@ def test_ply_round_trip_keeps_vertex_order(tmp_path):
 
 def test_load_array_refuses_non_numeric_non_finite_and_out_of_range_values(tmp_path):
     np.save(tmp_path / "s.npy", np.array(["0.5", "1"]))
-    with pytest.raises(InputError, match=r"s\.npy: expected an array of real numbers, found dtype <U"):
+    with pytest.raises(InputError, match=r"s\.npy: expected a numeric array, found dtype <U"):
         load_array(tmp_path / "s.npy")
     np.save(tmp_path / "f.npy", np.array([0.5, np.nan, -np.inf]))
     assert load_array(tmp_path / "f.npy").shape == (3,)  # values are checked only when a range is given
@@ -81,7 +81,7 @@ def test_load_array_refuses_what_is_not_real_numbers_instead_of_casting_it(tmp_p
     np.save(tmp_path / "a.npy", array)
     with pytest.raises(InputError) as err:
         load_array(tmp_path / "a.npy", value_range=(-1, 1))
-    assert str(err.value) == f"{tmp_path / 'a.npy'}: expected an array of real numbers, found dtype {dtype}"
+    assert str(err.value) == f"{tmp_path / 'a.npy'}: expected a numeric array, found dtype {dtype}"
 
 
 def test_load_array_reads_masks_as_bool_only_when_asked(tmp_path):

@@ -225,7 +225,7 @@ def load_array(path: str | os.PathLike, shape: tuple[int | None, ...] | None = N
                              f"{' with other values' if array.dtype.kind in 'iu' else ''}")
         array = array.astype(bool)
     elif array.dtype.kind not in REAL_KINDS:
-        raise InputError(f"{path}: expected an array of real numbers, found dtype {array.dtype}")
+        raise InputError(f"{path}: expected a numeric array, found dtype {array.dtype}")
     if shape is not None:
         ok = array.ndim == len(shape) and all(s is None or s == a for s, a in zip(shape, array.shape))
         if not ok:
