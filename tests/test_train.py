@@ -209,7 +209,16 @@ def test_idrank_refuses_another_stage_as_its_idgen(synthetic_root, checkpoints, 
                               "it holds an ExpGen stage (from its config); set idrank.idgen_checkpoint to another file")
 
 
-def test_a_folder_with_an_earlier_runs_checkpoints_needs_resume_or_overwrite(synthetic_root, tmp_path, caplog):
+class _Stop(Exception):
+    """Raised in place of building the task: what a test checks happens before."""
+
+
+def _stop_before_the_task(*args):
+    raise _Stop
+
+
+def test_a_folder_with_an_earlier_runs_checkpoints_needs_resume_or_overwrite(synthetic_root, tmp_path, caplog,
+                                                                            monkeypatch):
     """Without --resume a new run used to replace last.tar and best.tar (a worse one) of the earlier run."""
     from ofer.train.cli import main
 
@@ -235,12 +244,13 @@ def test_a_folder_with_an_earlier_runs_checkpoints_needs_resume_or_overwrite(syn
                               "a run there; pass --overwrite to start a new run there (removing best.tar), or set "
                               "another train.output_dir")
     assert (out / "best.tar").read_bytes() == b"earlier run"
-    Trainer(cfg, overwrite=True).close()
-    assert not (out / "best.tar").exists()
-    assert sorted(p.name for p in out.iterdir()) == []  # the lock is gone too
+    monkeypatch.setattr("ofer.train.trainer.build_task", _stop_before_the_task)
+    with pytest.raises(_Stop):
+        Trainer(cfg, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == []  # best.tar removed; the lock let go of when the start failed
 
 
-def test_a_second_run_into_a_folder_in_use_is_refused_before_it_touches_anything(synthetic_root, tmp_path):
+def test_a_second_run_into_a_folder_in_use_is_refused_before_it_touches_anything(synthetic_root, tmp_path, monkeypatch):
     """The second run used to delete the first's checkpoint write in progress as a stale temporary file."""
     out = tmp_path / "run"
     cfg = demo_config("idgen", synthetic_root, out, "dataset.validation_data=[]")
@@ -255,7 +265,9 @@ def test_a_second_run_into_a_folder_in_use_is_refused_before_it_touches_anything
                                    f"{out / '.train.lock'})")
     assert writing.read_bytes() == b"partial"
     first.close()
-    Trainer(cfg).close()  # a run that finds the folder free removes what a killed run left
+    monkeypatch.setattr("ofer.train.trainer.build_task", _stop_before_the_task)
+    with pytest.raises(_Stop):
+        Trainer(cfg)  # a run that finds the folder free removes what a killed run left, before any work
     assert not writing.exists()
 
 

@@ -195,10 +195,13 @@ class Trainer:
         resume_from = self.out / "last.tar" if resume and (self.out / "last.tar").is_file() else None
         if resume and resume_from is None:
             log.info("--resume: no %s yet, starting from scratch", self.out / "last.tar")
+        # The files to start from are read and checked before any work.
+        state = self._read_training_state(resume_from) if resume_from is not None else None
+        init = self._read_initial_weights(Path(cfg.train.init_checkpoint)) if cfg.train.init_checkpoint and not state else None
         torch.manual_seed(cfg.train.seed)
         self.task = build_task(cfg).to(self.place.device)
-        if cfg.train.init_checkpoint and resume_from is None:
-            self._load_initial_weights(Path(cfg.train.init_checkpoint))
+        if init is not None:  # before the optimiser and the EMA copy are made from the weights
+            load_state(init, self.task.model, cfg.train.init_checkpoint)
         self.optimizer = torch.optim.AdamW(param_groups(self.task.model, cfg), weight_decay=cfg.train.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             self.optimizer, factor=cfg.train.lr_factor, patience=cfg.train.lr_patience
@@ -215,8 +218,8 @@ class Trainer:
         self.last_picture: np.ndarray | None = None  # rendered validation samples, for tensorboard
         self._metrics_explained = False  # the metric descriptions are logged at the first validation
         self._started = time.perf_counter()
-        if resume_from is not None:
-            self._resume(resume_from)
+        if state is not None:
+            self._resume(*state, resume_from)
         self.train_set = build_dataset(cfg, "train")
         self.val_set = build_dataset(cfg, "val") if cfg.dataset.validation_data else None
         self.amp = cfg.train.amp and self.place.device.type == "cuda"
@@ -267,13 +270,14 @@ class Trainer:
                 (self.out / name).unlink()
                 log.info("--overwrite: removed %s of an earlier run", self.out / name)
 
-    def _load_initial_weights(self, path: Path) -> None:
-        """`train.init_checkpoint`: the stage's weights from a file, before the optimiser is made."""
+    def _read_initial_weights(self, path: Path) -> dict:
+        """`train.init_checkpoint`: the file whose weights the stage starts from (of this stage)."""
         ckpt = read_checkpoint(path)
         check_stage(ckpt, self.cfg.stage, path, "train.init_checkpoint")
-        load_state(ckpt, self.task.model, path)
+        return ckpt
 
-    def _resume(self, path: Path) -> None:
+    def _read_training_state(self, path: Path) -> tuple[dict, set[str]]:
+        """The checkpoint --resume continues and the config keys changed since (see `_changed_settings`)."""
         ckpt = read_checkpoint(path)
         missing = [key for key in TRAINING_STATE if key not in ckpt]
         if missing:
@@ -283,7 +287,10 @@ class Trainer:
                 f"{path}: holds model weights only ({what}, no {', '.join(missing)}), not a training state, so "
                 f"--resume cannot continue from it; to train from these weights, start a new run in another "
                 f"train.output_dir with --opt train.init_checkpoint={path}")
-        changed = self._changed_settings(ckpt, path)
+        return ckpt, self._changed_settings(ckpt, path)
+
+    def _resume(self, ckpt: dict, changed: set[str], path: Path) -> None:
+        """Load the weights, optimiser, scheduler, step and RNG state of `ckpt` (read from `path`)."""
         # With EMA the model entries hold the averaged weights and `train_weights` the raw ones.
         load_state(ckpt.get("train_weights", ckpt), self.task.model, path)
         if self.ema is not None:
