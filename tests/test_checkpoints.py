@@ -240,6 +240,6 @@ def test_test_py_refuses_a_damaged_checkpoint_with_one_error_line(synthetic_root
                synthetic_root / "test", out)
     assert code == 2
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
-    assert errors == [f"{damaged}: damaged checkpoint: member '{member}' fails its CRC check (changed since it was "
-                      "written); copy or download it again"]
+    assert errors == [(f"{damaged}: damaged checkpoint: member '{member}' fails its CRC check (changed since it was "
+                       "written); copy or download it again")]
     assert not list(out.glob("*.npz"))

@@ -175,13 +175,13 @@ def test_a_config_file_that_is_not_utf8_is_one_error_line(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["test=5", "test.sampling=ddim"], "override 'test=5': 'test' is a config section, not a value; set its keys, "
-                                       "e.g. test.numsamples=..."),
+    (["test=5", "test.sampling=ddim"], ("override 'test=5': 'test' is a config section, not a value; set its keys, "
+                                        "e.g. test.numsamples=...")),
     (["test="], "override 'test=': 'test' is a config section, not a value; set its keys, e.g. test.numsamples=..."),
-    (["dataset.occlusion=[1, 2]"], "override 'dataset.occlusion=[1, 2]': 'dataset.occlusion' is a config section, "
-                                   "not a value; set its keys, e.g. dataset.occlusion.enabled=..."),
-    (["train.diff_lr=0.5", "train.diff_lr.x=1"], "override 'train.diff_lr.x=1': 'train.diff_lr' is 0.5, not a "
-                                                  "section, so it has no keys to set"),
+    (["dataset.occlusion=[1, 2]"], ("override 'dataset.occlusion=[1, 2]': 'dataset.occlusion' is a config section, "
+                                    "not a value; set its keys, e.g. dataset.occlusion.enabled=...")),
+    (["train.diff_lr=0.5", "train.diff_lr.x=1"], ("override 'train.diff_lr.x=1': 'train.diff_lr' is 0.5, not a "
+                                                   "section, so it has no keys to set")),
     (["train..diff_lr=1"], "override 'train..diff_lr=1': the key 'train..diff_lr' has an empty part"),
 ])
 def test_a_section_replaced_by_a_value_is_refused_not_dropped(tmp_path, overrides, message):
