@@ -1,4 +1,4 @@
-"""Train ExpGen (see README: Training). Usage: python trainExpGen.py --cfg configs/demo/expgen.yml [--opt key=value] [--resume]"""
+"""Train ExpGen (see README: Training). Usage: python trainExpGen.py --cfg configs/demo/expgen.yml [--opt key=value] [--resume | --overwrite]"""
 
 from ofer.entry import run_command
 

@@ -1,4 +1,4 @@
-"""Train IdGen (see README: Training). Usage: python trainIdGen.py --cfg configs/demo/idgen.yml [--opt key=value] [--resume]"""
+"""Train IdGen (see README: Training). Usage: python trainIdGen.py --cfg configs/demo/idgen.yml [--opt key=value] [--resume | --overwrite]"""
 
 from ofer.entry import run_command
 

@@ -1,4 +1,4 @@
-"""Train IdRank (see README: Training). Usage: python trainIdRank.py --cfg configs/demo/idrank.yml [--opt key=value] [--resume]"""
+"""Train IdRank (see README: Training). Usage: python trainIdRank.py --cfg configs/demo/idrank.yml [--opt key=value] [--resume | --overwrite]"""
 
 from ofer.entry import run_command
 

@@ -36,7 +36,7 @@ def test_front_indices_must_fit_the_flame_model(tmp_path):
         "nan.npy": (np.array([np.nan, 2.0]), "nan.npy: vertex indices must be whole numbers"),
         "empty.npy": (np.array([], dtype=np.int64), "empty.npy: no front-face vertex indices"),
         "text.npy": (np.array(["1", "2"]), "text.npy: expected a numeric array"),
-        "mask.npy": (np.array([True, False]), "mask.npy: expected integer vertex indices, found dtype bool"),
+        "mask.npy": (np.array([True, False]), "mask.npy: expected a numeric array, found dtype bool"),
         "table.npy": (np.zeros((3, 2), dtype=np.int64), r"table.npy: expected an array of shape \(\*\)"),
         "missing.npy": (None, "missing.npy: file not found"),
     }

@@ -165,3 +165,81 @@ def test_loading_says_once_where_each_part_came_from(tmp_path, caplog):
                 f"from the config (checked against 'var_sched'), ArcFace from 'arcface', FaRL from 'farl'")
     assert lines == [expected]
     assert "random" not in caplog.text.lower()
+
+
+def _flip_bytes_in_a_tensor(path):
+    """Change 4 bytes in the middle of the largest tensor of a zip-format checkpoint (still loadable)."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        info = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    raw = bytearray(path.read_bytes())
+    name_and_extra = int.from_bytes(raw[info.header_offset + 26: info.header_offset + 28], "little") + \
+        int.from_bytes(raw[info.header_offset + 28: info.header_offset + 30], "little")
+    middle = info.header_offset + 30 + name_and_extra + info.file_size // 2
+    raw[middle: middle + 4] = bytes(b ^ 0x10 for b in raw[middle: middle + 4])
+    path.write_bytes(bytes(raw))
+    return info.filename
+
+
+def test_a_damaged_checkpoint_is_refused_by_its_crc(tmp_path):
+    path = tmp_path / "ours.tar"
+    torch.save({"format": "x", "net": {"a.weight": torch.randn(64), "b.weight": torch.randn(1000)}}, path)
+    member = _flip_bytes_in_a_tensor(path)
+    assert torch.load(path, weights_only=True)["net"]  # torch alone reads it without a word
+    with pytest.raises(CheckpointError) as err:
+        read_checkpoint(path)
+    assert str(err.value) == (f"{path}: damaged checkpoint: member '{member}' fails its CRC check (changed since it "
+                              "was written); copy or download it again")
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_a_checkpoint_with_non_finite_weights_or_optimiser_state_is_refused(tmp_path, legacy):
+    ckpt = {"format": "x", "net": {"a.weight": torch.randn(4, 5), "a.bias": torch.randn(5)},
+            "optimizer": {"state": {0: {"exp_avg": torch.zeros(3)}}, "param_groups": []}}
+    key = "a.weight"
+    path = tmp_path / "ckpt.tar"
+    torch.save(ckpt, path, _use_new_zipfile_serialization=not legacy)
+    assert read_checkpoint(path)["net"].keys() == ckpt["net"].keys()  # legacy files load (without a CRC to check)
+    ckpt["net"][key].view(-1)[:2] = float("nan")
+    torch.save(ckpt, path, _use_new_zipfile_serialization=not legacy)
+    with pytest.raises(CheckpointError) as err:
+        read_checkpoint(path)
+    assert str(err.value) == (f"{path}: 'net.{key}' holds 2 NaN or infinite values of {ckpt['net'][key].numel()} "
+                              "(a damaged file, or one saved after training diverged)")
+    ckpt["net"][key].zero_()
+    ckpt["optimizer"]["state"][0]["exp_avg"][1] = float("inf")
+    torch.save(ckpt, path, _use_new_zipfile_serialization=not legacy)
+    with pytest.raises(CheckpointError, match=r"'optimizer.state.0.exp_avg' holds 1 NaN or infinite values of 3"):
+        read_checkpoint(path)
+
+
+def test_a_checkpoint_whose_saved_config_is_a_bomb_is_refused_naming_the_file(tmp_path):
+    saved = config_to_dict(idgen_config())
+    bomb = [1] * 9
+    for _ in range(7):
+        bomb = [bomb] * 9  # one list shared 9 times per level: 9**8 values when formatted
+    saved["test"]["numsamples"] = bomb
+    path = tmp_path / "ours.tar"
+    torch.save({"format": "x", "net": {}, "config": saved}, path)
+    with pytest.raises(CheckpointError) as err:
+        read_checkpoint(path)
+    assert str(err.value) == (f"{path}: the config saved in it is invalid: config key 'test.numsamples': more than "
+                              "10000 values (YAML aliases or shared references repeating a structure?); a config "
+                              "holds single values and short lists")
+
+
+def test_test_py_refuses_a_damaged_checkpoint_with_one_error_line(synthetic_root, checkpoints, tmp_path, caplog):
+    from test_inference import run
+
+    damaged = tmp_path / "idgen.tar"
+    damaged.write_bytes(checkpoints["idgen"].read_bytes())
+    member = _flip_bytes_in_a_tensor(damaged)
+    out = tmp_path / "out"
+    code = run(synthetic_root, {**checkpoints, "idgen": damaged}, synthetic_root / "test" / "list.txt",
+               synthetic_root / "test", out)
+    assert code == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors == [(f"{damaged}: damaged checkpoint: member '{member}' fails its CRC check (changed since it was "
+                       "written); copy or download it again")]
+    assert not list(out.glob("*.npz"))

@@ -125,3 +125,91 @@ def test_an_error_from_an_override_names_the_override_besides_the_file(tmp_path)
                               "0 is out of range; allowed: >= 1")
     with pytest.raises(ConfigError, match=r"override 'train.max_stepz=3': unknown config key 'train.max_stepz'"):
         load_config(path, ["train.max_stepz=3"])
+
+
+def _alias_bomb(levels: int, width: int = 9) -> str:
+    """A YAML flow list whose anchors each repeat the previous one `width` times: width**levels values."""
+    ones = ", ".join(["1"] * width)
+    nested = [f"&a0 [{ones}]"] + [f"&a{i} [{', '.join([f'*a{i - 1}'] * width)}]" for i in range(1, levels)]
+    return f"[{', '.join(nested)}]"
+
+
+def test_a_yaml_alias_bomb_is_refused_with_a_short_message(tmp_path):
+    """Showing the value in an error once formatted all 9**6 (here) repeats of the shared lists."""
+    refusal = ("config key 'test.numsamples': more than 10000 values (YAML aliases or shared references repeating "
+               "a structure?); a config holds single values and short lists")
+    path = tmp_path / "bomb.yml"
+    path.write_text(f"stage: idgen\ntest:\n  numsamples: {_alias_bomb(6)}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == f"{path}: {refusal}"
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"test.numsamples={_alias_bomb(6)}"])
+    assert str(err.value) == refusal
+    with pytest.raises(ConfigError) as err:  # a small shared structure is shown cut short
+        load_config(None, [f"test.numsamples={_alias_bomb(3)}"])
+    assert str(err.value).startswith("config key 'test.numsamples': expected int, got [[1, 1, 1, 1, 1, 1, ...], [[...], ")
+    assert len(str(err.value)) < 200
+
+
+@pytest.mark.parametrize("value", ["[", "*a", "!!binary abc", "!!python/name:os.system",
+                                   "!!python/object/apply:os.system [echo hacked]", "{a: 1"])
+def test_an_override_that_is_not_valid_yaml_is_one_error_line_naming_it(tmp_path, value):
+    path = tmp_path / "c.yml"
+    path.write_text("stage: idgen\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["train.max_steps=3", f"test.sampling={value}"])
+    message = str(err.value)
+    assert message.startswith(f"{path}, override 'test.sampling={value}': the value is not valid YAML: ")
+    assert "\n" not in message
+
+
+def test_a_config_file_that_is_not_utf8_is_one_error_line(tmp_path):
+    path = tmp_path / "c.yml"
+    path.write_bytes("stage: idgen\nname: café\n".encode("latin-1"))
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == f"{path}: not valid YAML: the text is not UTF-8 (byte 0xe9 at byte 22: invalid continuation byte)"
+    path.write_text("stage: idgen\nname: café  # µm\n", encoding="utf-8")
+    assert load_config(path).name == "café"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["test=5", "test.sampling=ddim"], ("override 'test=5': 'test' is a config section, not a value; set its keys, "
+                                        "e.g. test.numsamples=...")),
+    (["test="], "override 'test=': 'test' is a config section, not a value; set its keys, e.g. test.numsamples=..."),
+    (["dataset.occlusion=[1, 2]"], ("override 'dataset.occlusion=[1, 2]': 'dataset.occlusion' is a config section, "
+                                    "not a value; set its keys, e.g. dataset.occlusion.enabled=...")),
+    (["train.diff_lr=0.5", "train.diff_lr.x=1"], ("override 'train.diff_lr.x=1': 'train.diff_lr' is 0.5, not a "
+                                                   "section, so it has no keys to set")),
+    (["train..diff_lr=1"], "override 'train..diff_lr=1': the key 'train..diff_lr' has an empty part"),
+])
+def test_a_section_replaced_by_a_value_is_refused_not_dropped(tmp_path, overrides, message):
+    """`test=5` then a test.py flag's `test.sampling=...` used to drop every key of the file's test: section."""
+    path = tmp_path / "c.yml"
+    path.write_text("stage: idgen\ntest:\n  jaw_limits: [-0.1, 0.5, -0.1, 0.1, -0.1, 0.1]\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, overrides)
+    assert str(err.value) == f"{path}, {message}"
+
+
+def test_a_section_the_file_sets_to_a_value_is_not_replaced_by_an_override(tmp_path):
+    path = tmp_path / "c.yml"
+    path.write_text("stage: idgen\ntest: 5\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["test.sampling=ddim"])
+    assert str(err.value) == f"{path}, override 'test.sampling=ddim': 'test' is 5, not a section, so it has no keys to set"
+
+
+def test_occluder_kinds_are_checked_in_the_config():
+    import typing
+
+    from ofer.config import OccluderKind
+    from ofer.data.occlusion import KINDS
+
+    assert set(typing.get_args(OccluderKind)) == set(KINDS)
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["dataset.occlusion.kinds=[]"])
+    assert str(err.value) == "config key 'dataset.occlusion.kinds': must not be empty"
+    with pytest.raises(ConfigError, match=r"'dataset.occlusion.kinds\[1\]': expected 'rectangle' \| 'ellipse'"):
+        load_config(None, ["dataset.occlusion.kinds=[hand, square]"])

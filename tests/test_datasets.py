@@ -22,8 +22,10 @@ from ofer.encoders.normalise import CLIP_MEAN, CLIP_STD
 from ofer.io import InputError
 from ofer.preprocess import typical_arcface_matrix
 
-# Every image is one flat colour and its ArcFace array one constant, both keyed by an image id,
-# so an item tells which file each of its K images came from and whether image and array match.
+# Every image is one flat colour and its ArcFace array one constant (id / 64, inside ArcFace's
+# input range and exact in float32), both keyed by an image id, so an item tells which file each
+# of its K images came from and whether image and array match.
+ARCFACE_STEP = 1 / 64
 COLOURS = {i: ((37 * i) % 200 + 20, (91 * i) % 200 + 30, (53 * i) % 200 + 40) for i in range(1, 40)}  # BGR
 
 
@@ -31,7 +33,7 @@ def write_pair(path: Path, image_id: int, size: int = 224, arcface_shape=(3, 112
     """A flat-colour .jpg and the .npy beside it holding `image_id` everywhere."""
     path.parent.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(path), np.full((size, size, 3), COLOURS[image_id], np.uint8))
-    np.save(path.with_suffix(".npy"), np.full(arcface_shape, image_id, np.float32))
+    np.save(path.with_suffix(".npy"), np.full(arcface_shape, image_id * ARCFACE_STEP, np.float32))
 
 
 def save_list(root: Path, name: str, table: dict) -> None:
@@ -119,13 +121,13 @@ def test_identity_items_from_both_layouts_mix_all_actors(tiny):
         ids = image_ids(item["image"])
         assert set(ids) <= tiny.images[key]
         # each crop is paired with its own ArcFace array
-        assert ids == [int(a) for a in item["arcface"][:, 0, 0, 0]]
+        assert ids == [round(float(a) / ARCFACE_STEP) for a in item["arcface"][:, 0, 0, 0]]
         assert torch.all(item["arcface"] == item["arcface"][:, :1, :1, :1])
 
 
 def test_image_is_rgb_clip_normalised(tiny):
     item = IdentityDataset(tiny.cfg, ["AAA"])[0]
-    image_id = int(item["arcface"][0, 0, 0, 0])
+    image_id = round(float(item["arcface"][0, 0, 0, 0]) / ARCFACE_STEP)
     rgb = np.array(COLOURS[image_id][::-1]) / 255.0
     expected = (rgb - np.array(CLIP_MEAN)) / np.array(CLIP_STD)
     np.testing.assert_allclose(item["image"][0].mean(dim=(1, 2)).numpy(), expected, atol=3 / 255 / 0.26)
@@ -224,7 +226,7 @@ def test_bad_files_are_skipped_counted_and_logged_once(bad, caplog):
                 items[epoch, index] = ds[index]
     for item in items.values():  # only x's good image is ever returned
         assert item["actor"] == "x"
-        assert torch.all(item["arcface"] == 20)
+        assert torch.all(item["arcface"] == 20 * ARCFACE_STEP)
     culprits = ["x/21.jpg", "x/22.npy", "y/21.jpg", "z/23.npy", "w/fit.npz"]
     assert ds.bad_samples == len(culprits)
     assert len(caplog.records) == len(culprits)
@@ -242,7 +244,7 @@ def test_expression_dataset_reads_tempeh_coma_and_mica_files(tiny):
     for index, (expression, jaw, shape) in enumerate(tiny.expected):
         item = ds[index]
         assert item["image"].shape == (1, 3, 224, 224) and item["arcface"].shape == (1, 3, 112, 112)
-        assert image_ids(item["image"]) == [10 + index] and torch.all(item["arcface"] == 10 + index)
+        assert image_ids(item["image"]) == [10 + index] and torch.all(item["arcface"] == (10 + index) * ARCFACE_STEP)
         np.testing.assert_allclose(item["expression"].numpy(), expression, rtol=1e-6)
         np.testing.assert_allclose(item["jaw"].numpy(), jaw, rtol=1e-6)
         np.testing.assert_allclose(item["target"].numpy(), np.concatenate([expression, jaw]), rtol=1e-6)
@@ -298,3 +300,50 @@ def test_occlusion_is_applied_to_training_items_only(tiny, monkeypatch):
     black = -torch.tensor(CLIP_MEAN) / torch.tensor(CLIP_STD)
     assert torch.allclose(item["image"], black[None, :, None, None].expand_as(item["image"]))
     assert torch.all(item["arcface"] == -1)
+
+
+def _one_actor(root: Path, arcface: np.ndarray) -> Path:
+    """Data set ONE: one actor, one image whose ArcFace array is `arcface`; returns the image path."""
+    image = root / "ONE/arcface_input/a/1.jpg"
+    write_pair(image, 1)
+    np.save(image.with_suffix(".npy"), arcface)
+    (root / "ONE/FLAME_parameters/a").mkdir(parents=True)
+    np.savez(root / "ONE/FLAME_parameters/a/fit.npz", shape=np.ones(300))
+    save_list(root, "ONE", {"a": (["a/1.jpg"], "a/fit.npz")})
+    return image
+
+
+@pytest.mark.parametrize("arcface", [np.full((3, 112, 112), 200.0, np.float32), np.ones((3, 112, 112), bool),
+                                     np.ones((3, 112, 112), np.complex64)], ids=["0-255", "bool", "complex"])
+def test_training_checks_arcface_inputs_as_test_py_does(tmp_path, arcface):
+    """ArcFace arrays scaled 0..255 (or not real numbers) were trained on; test.py refuses them."""
+    from ofer.inference.pipeline import load_inputs
+
+    image = _one_actor(tmp_path, arcface)
+    with pytest.raises(InputError) as by_test_py:
+        load_inputs(image)
+    with pytest.raises(InputError) as by_training:
+        IdentityDataset(DatasetConfig(root=str(tmp_path), n_images=1), ["ONE"])[0]
+    assert str(by_training.value) == str(by_test_py.value)
+    assert str(by_training.value).startswith(f"{image.with_suffix('.npy')}: ")
+
+
+def test_a_coma_dict_with_mixed_key_types_and_no_exp_names_the_file(tmp_path):
+    from ofer.data.datasets import read_expression_params
+
+    path = tmp_path / "frame.npy"
+    np.save(path, {1: np.zeros(3), "jaw": np.zeros(3), ("a", 2): 0}, allow_pickle=True)
+    with pytest.raises(InputError) as err:
+        read_expression_params(path)
+    assert str(err.value) == f"{path}: missing key 'exp' (found ('a', 2), 1, jaw)"
+
+
+def test_a_list_file_with_a_string_that_is_not_utf8_is_one_error_naming_it(tmp_path):
+    save_list(tmp_path, "X", {"actor": (["a.jpg"], "fit.npz")})
+    path = tmp_path / "image_paths/X.npy"
+    path.write_bytes(path.read_bytes().replace(b"actor", b"act\xe9r"))
+    (tmp_path / "X").mkdir()
+    with pytest.raises(InputError) as err:
+        IdentityDataset(DatasetConfig(root=str(tmp_path)), ["X"])
+    assert str(err.value) == (f"{path}: a string in the pickle is not UTF-8 text (invalid continuation byte: byte "
+                              "b'\\xe9' in b'act\\xe9r')")

@@ -73,3 +73,27 @@ def test_read_image_refuses_huge_images_by_their_header_before_decoding(tmp_path
     monkeypatch.setattr(ofer.io.cv2, "imdecode", refuse)
     with pytest.raises(InputError, match=r"big\.png: OpenCV cannot decode this image"):
         read_image(tmp_path / "big.png")
+
+
+@pytest.mark.parametrize(("array", "dtype"), [(np.ones((2, 3), bool), "bool"), (np.ones(3, np.complex64), "complex64"),
+                                              (np.zeros(2, "datetime64[s]"), "datetime64[s]")])
+def test_load_array_refuses_what_is_not_real_numbers_instead_of_casting_it(tmp_path, array, dtype):
+    np.save(tmp_path / "a.npy", array)
+    with pytest.raises(InputError) as err:
+        load_array(tmp_path / "a.npy", value_range=(-1, 1))
+    assert str(err.value) == f"{tmp_path / 'a.npy'}: expected a numeric array, found dtype {dtype}"
+
+
+def test_load_array_reads_masks_as_bool_only_when_asked(tmp_path):
+    np.save(tmp_path / "b.npy", np.array([True, False]))
+    np.save(tmp_path / "i.npy", np.array([1, 0], np.uint8))
+    np.save(tmp_path / "two.npy", np.array([2, 0]))
+    np.save(tmp_path / "f.npy", np.array([1.0, 0.0]))
+    for name in ("b", "i"):
+        mask = load_array(tmp_path / f"{name}.npy", (2,), boolean=True)
+        assert mask.dtype == np.bool_ and mask.tolist() == [True, False]
+    with pytest.raises(InputError, match=r"two\.npy: expected a mask \(bool, or integers 0 and 1\), found dtype int64 "
+                                         "with other values"):
+        load_array(tmp_path / "two.npy", boolean=True)
+    with pytest.raises(InputError, match=r"f\.npy: expected a mask \(bool, or integers 0 and 1\), found dtype float64$"):
+        load_array(tmp_path / "f.npy", boolean=True)

@@ -1,5 +1,6 @@
 """The shared trainer: every stage trains a few steps, and a resumed run equals an uninterrupted one."""
 
+import logging
 import os
 import socket
 from pathlib import Path
@@ -74,9 +75,10 @@ def _train_one_rank(rank: int, world_size: int, port: int, cfg, out: Path) -> No
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     trainer = Trainer(cfg)
+    held = trainer.lock.held
     trainer.fit()
     torch.save({"net": trainer.task.model.state_dict(), "lrs": [g["lr"] for g in trainer.optimizer.param_groups],
-                "best": trainer.best}, out / f"rank{rank}.pt")
+                "best": trainer.best, "held_lock": held}, out / f"rank{rank}.pt")
 
 
 def test_two_ranks_keep_identical_learning_rates_and_weights(synthetic_root, tmp_path):
@@ -94,6 +96,8 @@ def test_two_ranks_keep_identical_learning_rates_and_weights(synthetic_root, tmp
     assert min(a["lrs"]) < cfg.train.arcface_lr  # the scheduler did act (patience 0), so equality means something
     assert all(torch.equal(a["net"][k], b["net"][k]) for k in a["net"])
     assert (tmp_path / "run" / "last.tar").is_file()
+    assert (a["held_lock"], b["held_lock"]) == (True, False)  # only rank 0 takes the output folder
+    assert not (tmp_path / "run" / ".train.lock").exists()  # and lets go of it at the end
 
 
 class _Killed(Exception):
@@ -138,7 +142,7 @@ def test_start_removes_only_our_interrupted_checkpoint_writes(synthetic_root, tm
     out.mkdir()
     ours = [out / ".last.k2_9abcd.tar", out / ".best.0123wxyz.tar"]  # atomic_write names: .<stem>.<8 random>.tar
     others = [out / ".last.tar.bak", out / ".last.toolongname.tar", out / "notes.last.abcdefgh.tar",
-              out / ".other.abcdefgh.tar", out / "last.tar"]
+              out / ".other.abcdefgh.tar", out / "notes.txt"]
     for path in ours + others:
         path.write_bytes(b"partial")
     Trainer(demo_config("idgen", synthetic_root, out, "dataset.validation_data=[]"))
@@ -203,3 +207,122 @@ def test_idrank_refuses_another_stage_as_its_idgen(synthetic_root, checkpoints, 
         Trainer(cfg)
     assert str(err.value) == (f"{checkpoints['expgen']}: given as the IdGen checkpoint (idrank.idgen_checkpoint), but "
                               "it holds an ExpGen stage (from its config); set idrank.idgen_checkpoint to another file")
+
+
+class _Stop(Exception):
+    """Raised in place of building the task: what a test checks happens before."""
+
+
+def _stop_before_the_task(*args):
+    raise _Stop
+
+
+def test_a_folder_with_an_earlier_runs_checkpoints_needs_resume_or_overwrite(synthetic_root, tmp_path, caplog,
+                                                                            monkeypatch):
+    """Without --resume a new run used to replace last.tar and best.tar (a worse one) of the earlier run."""
+    from ofer.train.cli import main
+
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in ("last.tar", "best.tar"):
+        (out / name).write_bytes(b"earlier run")
+    cfg = demo_config("idgen", synthetic_root, out)
+    with pytest.raises(InputError) as err:
+        Trainer(cfg)
+    assert str(err.value) == (f"train.output_dir: {out} already holds last.tar and best.tar of an earlier run; pass "
+                              "--resume to continue it, --overwrite to start a new run there (removing last.tar and "
+                              "best.tar), or set another train.output_dir")
+    cfg_path = tmp_path / "idgen.yml"
+    cfg_path.write_text(yaml.safe_dump(config_to_dict(cfg)))
+    with pytest.raises(SystemExit) as code:
+        main("idgen", ["--cfg", str(cfg_path)])
+    assert code.value.code == 2 and [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [str(err.value)]
+    (out / "last.tar").unlink()  # --resume with only best.tar would start from scratch and replace it
+    with pytest.raises(InputError) as err:
+        Trainer(cfg, resume=True)
+    assert str(err.value) == (f"train.output_dir: {out} holds best.tar but no last.tar, so --resume cannot continue "
+                              "a run there; pass --overwrite to start a new run there (removing best.tar), or set "
+                              "another train.output_dir")
+    assert (out / "best.tar").read_bytes() == b"earlier run"
+    monkeypatch.setattr("ofer.train.trainer.build_task", _stop_before_the_task)
+    with pytest.raises(_Stop):
+        Trainer(cfg, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == []  # best.tar removed; the lock let go of when the start failed
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused_before_it_touches_anything(synthetic_root, tmp_path, monkeypatch):
+    """The second run used to delete the first's checkpoint write in progress as a stale temporary file."""
+    out = tmp_path / "run"
+    cfg = demo_config("idgen", synthetic_root, out, "dataset.validation_data=[]")
+    first = Trainer(cfg)
+    writing = out / ".last.abcd1234.tar"  # the first run's atomic write of last.tar, in progress
+    writing.write_bytes(b"partial")
+    with pytest.raises(InputError) as err:
+        Trainer(cfg)
+    assert str(err.value).startswith(f"train.output_dir: output folder {out} is in use by trainIdGen.py pid "
+                                     f"{os.getpid()} on {socket.gethostname()} since ")
+    assert str(err.value).endswith(f"wait for it to end or set another train.output_dir (if no run is going on, delete "
+                                   f"{out / '.train.lock'})")
+    assert writing.read_bytes() == b"partial"
+    first.close()
+    monkeypatch.setattr("ofer.train.trainer.build_task", _stop_before_the_task)
+    with pytest.raises(_Stop):
+        Trainer(cfg)  # a run that finds the folder free removes what a killed run left, before any work
+    assert not writing.exists()
+
+
+def test_training_needs_at_least_one_data_set(synthetic_root, tmp_path):
+    with pytest.raises(ConfigError) as err:
+        Trainer(demo_config("idgen", synthetic_root, tmp_path / "run", "dataset.training_data=[]"))
+    assert str(err.value) == ("config key 'dataset.training_data': empty; training needs at least one data set, "
+                              "e.g. dataset.training_data=[SYNTH]")
+
+
+@pytest.mark.parametrize("source", ["bundle", "weights"])
+def test_resume_from_an_inference_only_file_says_what_to_do_instead(synthetic_root, checkpoints, tmp_path, source):
+    out = tmp_path / "run"
+    out.mkdir()
+    given = Path(__file__).resolve().parents[1] / "models/demo/idgen.tar" if source == "bundle" else checkpoints["idgen"]
+    (out / "last.tar").write_bytes(given.read_bytes())
+    with pytest.raises(InputError) as err:
+        Trainer(demo_config("idgen", synthetic_root, out), resume=True)
+    what, missing = {"bundle": ("an inference bundle", "optimizer, scheduler, best, rng"),
+                     "weights": ("an inference-only file", "optimizer, scheduler, step, best, rng")}[source]
+    assert str(err.value) == (f"{out / 'last.tar'}: holds model weights only ({what}, no {missing}), not a training "
+                              "state, so --resume cannot continue from it; to train from these weights, start a new "
+                              f"run in another train.output_dir with --opt train.init_checkpoint={out / 'last.tar'}")
+
+
+def test_init_checkpoint_starts_from_the_files_weights(synthetic_root, checkpoints, tmp_path):
+    trainer = Trainer(demo_config("idgen", synthetic_root, tmp_path / "run", f"train.init_checkpoint={checkpoints['idgen']}"))
+    trainer.close()
+    saved = read_checkpoint(checkpoints["idgen"])["net"]
+    for module in (trainer.task.model.net, trainer.ema.module.net):  # the demo config averages weights (EMA)
+        assert all(torch.equal(v, saved[k]) for k, v in module.state_dict().items())
+    with pytest.raises(InputError, match=r"given as the IdGen checkpoint \(train.init_checkpoint\), but it holds an "
+                                         r"ExpGen stage"):
+        Trainer(demo_config("idgen", synthetic_root, tmp_path / "run2", f"train.init_checkpoint={checkpoints['expgen']}"))
+
+
+def test_resume_applies_new_optimiser_settings_and_refuses_architecture_changes(synthetic_root, tmp_path, caplog):
+    out = tmp_path / "run"
+    opts = ["dataset.validation_data=[]", "train.checkpoint_steps=1", "train.diff_lr=1e-3"]
+    Trainer(demo_config("idgen", synthetic_root, out, *opts, "train.max_steps=1")).fit()
+    with caplog.at_level(logging.INFO, logger="ofer.train.trainer"):
+        resumed = Trainer(demo_config("idgen", synthetic_root, out, *opts, "train.max_steps=2", "train.diff_lr=1e-7",
+                                      "train.lr_patience=3"), resume=True)
+    resumed.close()
+    lrs = {group["name"]: group["lr"] for group in resumed.optimizer.param_groups}
+    assert lrs == {"net": 1e-7, "arcface": 1e-3} and resumed.scheduler.patience == 3 and resumed.step == 1
+    assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("--resume:")] == [
+        "--resume: train.diff_lr changed from 0.001 to 1e-07 (applied to the resumed optimiser and LR scheduler)",
+        "--resume: train.lr_patience changed from 10 to 3 (applied to the resumed optimiser and LR scheduler)",
+        "--resume: train.max_steps changed from 1 to 2 (takes effect)",
+    ]
+    for change, shown in [("net.dims=[10, 32, 16]", "net.dims [10, 64, 32] -> [10, 32, 16]"),
+                          ("train.seed=3", "train.seed 0 -> 3"), ("train.ema_decay=null", "train.ema_decay 0.998 -> None")]:
+        with pytest.raises(ConfigError) as err:
+            Trainer(demo_config("idgen", synthetic_root, out, *opts, change), resume=True)
+        assert str(err.value) == (f"--resume from {out / 'last.tar'}: {shown}: resuming cannot change these (the saved "
+                                  "networks, optimiser state and batch order depend on them); drop those overrides to "
+                                  "resume, or start a new run in another train.output_dir")

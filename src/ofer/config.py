@@ -25,6 +25,8 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 
+from ofer.io import short_repr
+
 
 class ConfigError(ValueError):
     """A configuration file or override is invalid (unknown key, wrong type, bad value)."""
@@ -32,6 +34,10 @@ class ConfigError(ValueError):
 
 class RangeError(ConfigError):
     """A numeric config value of the right type lies outside its allowed range."""
+
+
+class NonEmpty:
+    """Marks a list config value that must hold at least one item: ``Annotated[list[str], NonEmpty()]``."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +78,7 @@ Beta = Annotated[float, Range(low=0, high=1, low_open=True, high_open=True)]
 
 
 SamplerName = Literal["ddpm", "ddim", "ddim_legacy", "dpmpp_2m", "unipc"]  # ofer.diffusion.samplers.SAMPLERS
+OccluderKind = Literal["rectangle", "ellipse", "hand", "texture"]  # ofer.data.occlusion.KINDS
 
 
 @dataclass
@@ -120,7 +127,7 @@ class OcclusionConfig:
     prob: Probability = 0.5
     min_area: Annotated[float, Range(low=0, high=0.5, low_open=True)] = 0.05
     max_area: Annotated[float, Range(low=0, high=0.5, low_open=True)] = 0.35
-    kinds: list[str] = field(default_factory=lambda: ["rectangle", "ellipse", "hand", "texture"])
+    kinds: Annotated[list[OccluderKind], NonEmpty()] = field(default_factory=lambda: ["rectangle", "ellipse", "hand", "texture"])
 
 
 @dataclass
@@ -172,6 +179,9 @@ class TrainConfig:
     seed: NonNegative = 0
     output_dir: str = "output/run"
     device: str = "auto"
+    # Start from the weights of this file (a released OFER checkpoint, a bundle, a demo model, or
+    # a last.tar/best.tar of ours) with a fresh optimiser: fine-tuning. Ignored by --resume.
+    init_checkpoint: Optional[str] = None
 
 
 @dataclass
@@ -242,7 +252,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         value = _coerce(value, base, where)
         for bound in extras:
             if isinstance(bound, Range) and value not in bound:
-                raise RangeError(f"config key '{where}': {value!r} is out of range; allowed: {bound}")
+                raise RangeError(f"config key '{where}': {short_repr(value)} is out of range; allowed: {bound}")
+            if isinstance(bound, NonEmpty) and not value:
+                raise ConfigError(f"config key '{where}': must not be empty")
         return value
     if origin is Literal:
         if value in typing.get_args(tp):
@@ -276,21 +288,22 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     elif tp in (str, bool):
         if isinstance(value, tp):
             return value
-    raise ConfigError(f"config key '{where}': expected {_type_name(tp)}, got {value!r}")
+    raise ConfigError(f"config key '{where}': expected {_type_name(tp)}, got {short_repr(value)}")
 
 
 def _build(cls: type, data: dict, prefix: str) -> Any:
     """Instantiate dataclass `cls` from a (partial) dict, validating keys and types."""
     if not isinstance(data, dict):
-        raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {data!r}")
+        raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {short_repr(data)}")
     hints = typing.get_type_hints(cls, include_extras=True)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in data.items():
         if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            shown = key if isinstance(key, str) else short_repr(key)
+            close = difflib.get_close_matches(str(shown), names, n=1, cutoff=0.5)
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
-            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
+            raise ConfigError(f"unknown config key '{prefix}{shown}'{hint}")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value, f"{prefix}{key}.")
@@ -303,7 +316,7 @@ def _check_consistency(cfg: Config) -> None:
     """Cross-field rules that single-key ranges cannot express."""
     net, model = cfg.net, cfg.model
     if len(net.dims) < 2 or net.dims[0] != net.flame_dim:
-        raise ConfigError(f"config key 'net.dims': {net.dims!r} must have at least 2 entries and start with "
+        raise ConfigError(f"config key 'net.dims': {short_repr(net.dims)} must have at least 2 entries and start with "
                           f"net.flame_dim ({net.flame_dim})")
     if cfg.stage == "idgen" and net.flame_dim != model.n_shape:
         raise ConfigError(f"config key 'net.flame_dim': {net.flame_dim} must equal model.n_shape ({model.n_shape}) "
@@ -320,31 +333,92 @@ def _check_consistency(cfg: Config) -> None:
                           f"dataset.occlusion.max_area ({occlusion.max_area!r})")
 
 
+MAX_CONFIG_VALUES = 10_000  # a whole config holds ~100 values; YAML aliases or a pickle's shared references can repeat far more
+
+
+def _check_size(data: Any) -> None:
+    """Refuse config data of more than MAX_CONFIG_VALUES values (counted with repeats, so a
+    structure shared many times, an alias bomb, counts as big as it would print), naming the key."""
+    count, stack = 0, [("", data)]
+    while stack:
+        where, node = stack.pop()
+        count += 1
+        if count > MAX_CONFIG_VALUES:
+            raise ConfigError(f"config key '{where or '<root>'}': more than {MAX_CONFIG_VALUES} values (YAML aliases or "
+                              "shared references repeating a structure?); a config holds single values and short lists")
+        if isinstance(node, dict):
+            for key, value in node.items():
+                name = key if isinstance(key, str) else short_repr(key)
+                stack.append((f"{where}.{name}" if where else name, value))
+        elif isinstance(node, (list, tuple)):
+            stack.extend((where, v) for v in node)
+
+
 def _build_config(data: dict) -> Config:
+    _check_size(data)
     cfg = _build(Config, data, "")
     _check_consistency(cfg)
     return cfg
 
 
-def _merge(base: dict, update: dict) -> dict:
+def _merge(base: dict, update: dict, prefix: str = "") -> dict:
+    """`update` over `base`, section by section; keys cannot be set under a value that is not a section."""
     out = dict(base)
     for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+        old = out.get(key)
+        if isinstance(value, dict) and isinstance(old, dict):
+            out[key] = _merge(old, value, f"{prefix}{key}.")
+        elif isinstance(value, dict) and old is not None:
+            raise ConfigError(f"'{prefix}{key}' is {short_repr(old)}, not a section, so it has no keys to set")
         else:
             out[key] = value
     return out
 
 
+def _schema_type(keys: list[str]) -> Any:
+    """The declared type at a dotted key path of `Config`, or None for a key it does not have."""
+    tp: Any = Config
+    for key in keys:
+        if not dataclasses.is_dataclass(tp) or key not in (hints := typing.get_type_hints(tp, include_extras=True)):
+            return None
+        tp = hints[key]
+    return tp
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error in one line: what is wrong, and where (line, column)."""
+    if isinstance(err, yaml.reader.ReaderError):  # undecodable bytes, or a control character
+        what = (f"the text is not {err.encoding.upper()} (byte {err.character:#04x}" if err.encoding
+                else f"unacceptable character #x{err.character:04x} (")
+        return f"{what} at byte {err.position}: {err.reason})"
+    problem = getattr(err, "problem", None) or str(err).strip().splitlines()[0]
+    mark = getattr(err, "problem_mark", None)
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else problem
+
+
 def parse_override(text: str) -> dict:
-    """Turn ``a.b.c=value`` into ``{'a': {'b': {'c': value}}}``; the value is read as YAML."""
+    """Turn ``a.b.c=value`` into ``{'a': {'b': {'c': value}}}``; the value is read as YAML (safe_load).
+
+    Errors start with ``override '<text>':``. A section (``test``, ``dataset.occlusion``) can be
+    given only as a mapping: ``test=5`` would drop all of the file's ``test:`` keys.
+    """
     if "=" not in text:
-        raise ConfigError(f"override '{text}' must look like section.key=value")
+        raise ConfigError(f"override {text!r} must look like section.key=value")
     path, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else None
+    keys = path.strip().split(".")
+    if not all(keys):
+        raise ConfigError(f"override {text!r}: the key '{path.strip()}' has an empty part")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:  # malformed, an undefined alias, an unknown or bad tag (!!python/..., !!binary)
+        raise ConfigError(f"override {text!r}: the value is not valid YAML: {_yaml_problem(err)}") from None
+    section = _schema_type(keys)
+    if dataclasses.is_dataclass(section) and not isinstance(value, dict):
+        first = dataclasses.fields(section)[0].name
+        raise ConfigError(f"override {text!r}: '{path.strip()}' is a config section, not a value; set its keys, "
+                          f"e.g. {path.strip()}.{first}=...")
     out: dict = {}
     node = out
-    keys = path.strip().split(".")
     for key in keys[:-1]:
         node = node.setdefault(key, {})
     node[keys[-1]] = value
@@ -359,12 +433,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
         try:
-            loaded = yaml.safe_load(path.read_text())
+            loaded = yaml.safe_load(path.read_bytes())  # bytes: PyYAML checks the encoding (UTF-8/16) itself
         except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML ({err})") from err
+            raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(err)}") from None
         data = loaded or {}
+    where = "" if path is None else f"{path}, "
     for text in overrides or []:
-        data = _merge(data, parse_override(text))
+        try:
+            data = _merge(data, parse_override(text))
+        except ConfigError as err:
+            message = str(err)
+            raise ConfigError(f"{where}{message if message.startswith('override ') else f'override {text!r}: {message}'}"
+                              ) from None
     try:
         return _build_config(data)
     except ConfigError as err:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import reprlib
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -23,6 +24,20 @@ os.umask(_UMASK)  # read the process umask (there is no getter)
 
 class InputError(ValueError):
     """A user-provided file is missing, unreadable or has the wrong content."""
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxdict, _SHORT.maxlist, _SHORT.maxtuple, _SHORT.maxset = 2, 4, 6, 6, 6
+_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong = 80, 80, 40
+
+
+def short_repr(value: object) -> str:
+    """`repr(value)` cut to about a line, for error messages about user data.
+
+    Bounded in depth and length, so a value that is huge or repeats a shared structure (a YAML
+    alias bomb, a pickle's shared references) costs no more to show than a short one.
+    """
+    return _SHORT.repr(value)
 
 
 def failure_reason(err: Exception, context: str | None = None) -> str:
@@ -109,7 +124,9 @@ def atomic_write(path: str | os.PathLike, suffix: str | None = None) -> Iterator
 def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
     """Delete the temporary files an interrupted `atomic_write(path)` (e.g. a kill) left beside `path`.
 
-    Only names of `atomic_write`'s own pattern for this target are touched. Returns them.
+    Only names of `atomic_write`'s own pattern for this target are touched. Returns them. A live
+    run's write in progress has the same names: call this only while holding the folder's lock
+    (`ofer.lock.FolderLock`), so that no other run writes there.
     """
     path = Path(path)
     stale = sorted(p for p in path.parent.glob(_temporary_pattern(path)) if p.is_file())
@@ -202,12 +219,17 @@ def save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
         np.savez_compressed(tmp, **{k: np.asarray(v) for k, v in arrays.items()})
 
 
+REAL_KINDS = "iuf"  # numpy dtype kinds of real numbers: signed and unsigned integers, floats
+
+
 def load_array(path: str | os.PathLike, shape: tuple[int | None, ...] | None = None,
-               value_range: tuple[float, float] | None = None) -> np.ndarray:
-    """Load a plain numeric .npy (never a pickle) and check it; errors name the file.
+               value_range: tuple[float, float] | None = None, boolean: bool = False) -> np.ndarray:
+    """Load a plain .npy of real numbers (never a pickle) and check it; errors name the file.
 
     `shape` may contain None for free axes, e.g. (3, 112, 112) or (None, 3). With
-    `value_range` (low, high) every value must also be finite and within it.
+    `value_range` (low, high) every value must also be finite and within it. Arrays of other
+    dtypes (bool, complex, strings, records, dates) are refused rather than cast; with
+    `boolean` the file is a mask instead: bool, or integers that are all 0 or 1, returned as bool.
     """
     path = Path(path)
     if not path.is_file():
@@ -216,7 +238,12 @@ def load_array(path: str | os.PathLike, shape: tuple[int | None, ...] | None = N
         array = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as err:
         raise InputError(f"{path}: not a readable numeric .npy file ({err})") from err
-    if array.dtype.kind not in "biuf":  # bool, int, uint, float; not bytes, str, complex, records
+    if boolean:
+        if not (array.dtype == np.bool_ or (array.dtype.kind in "iu" and np.isin(array, (0, 1)).all())):
+            raise InputError(f"{path}: expected a mask (bool, or integers 0 and 1), found dtype {array.dtype}"
+                             f"{' with other values' if array.dtype.kind in 'iu' else ''}")
+        array = array.astype(bool)
+    elif array.dtype.kind not in REAL_KINDS:
         raise InputError(f"{path}: expected a numeric array, found dtype {array.dtype}")
     if shape is not None:
         ok = array.ndim == len(shape) and all(s is None or s == a for s, a in zip(shape, array.shape))

@@ -52,9 +52,9 @@ import torch
 from torch.utils.data import Dataset
 
 from ofer.config import DatasetConfig
-from ofer.encoders.normalise import ARCFACE_SIZE, clip_normalise_bgr, crop_to_clip_input
+from ofer.encoders.normalise import ARCFACE_RANGE, ARCFACE_SIZE, clip_normalise_bgr, crop_to_clip_input
 from ofer.flame.safe_pickle import load_npy_object
-from ofer.io import InputError, load_array, read_image
+from ofer.io import InputError, load_array, read_image, short_repr
 from ofer.preprocess import typical_arcface_matrix
 
 logger = logging.getLogger(__name__)
@@ -83,6 +83,8 @@ def load_pickled_npy(path: str | Path) -> Any:
         raise InputError(f"{path}: file not found")
     try:
         return load_npy_object(path, plain_data=True)
+    except InputError:  # names the file and says what is wrong
+        raise
     except Exception as err:  # a corrupt or hostile pickle stream can raise almost any exception
         raise InputError(f"{path}: not a readable list file ({err})") from err
 
@@ -115,10 +117,16 @@ def _read_list_file(path: Path, layout: str) -> dict:
     return table
 
 
+def _key_list(mapping: Any) -> str:
+    """The keys of a loaded dict for a message: sorted by their text (keys of mixed types do not sort), at most 20."""
+    names = sorted(key if isinstance(key, str) else short_repr(key) for key in mapping)
+    return ", ".join(names[:20]) + (f", ... ({len(names)} in all)" if len(names) > 20 else "")
+
+
 def _vector(arrays: Any, key: str, path: Path, start: int, size: int) -> np.ndarray:
     """Entries [start, start+size) of the flattened array `arrays[key]` as float32; errors name the file."""
     if key not in arrays:
-        raise InputError(f"{path}: missing key '{key}' (found {sorted(arrays)})")
+        raise InputError(f"{path}: missing key '{key}' (found {_key_list(arrays)})")
     try:
         values = np.asarray(arrays[key], dtype=np.float32).reshape(-1)
     except (ValueError, TypeError) as err:
@@ -197,9 +205,8 @@ class _FaceDataset(Dataset):
         image_path = self._resolve(name, image_rel, "arcface_input")
         image = crop_to_clip_input(read_image(image_path))  # (224, 224, 3) uint8 BGR
         arcface_path = image_path.with_suffix(".npy")
-        arcface = load_array(arcface_path, shape=(3, ARCFACE_SIZE, ARCFACE_SIZE)).astype(np.float32)
-        if not np.isfinite(arcface).all():
-            raise InputError(f"{arcface_path}: ArcFace input holds non-finite values")
+        # The same checks as test.py's inputs (ofer.inference.pipeline.load_inputs): real numbers, finite, in range.
+        arcface = load_array(arcface_path, (3, ARCFACE_SIZE, ARCFACE_SIZE), ARCFACE_RANGE).astype(np.float32)
         if self.occlusion is not None:
             # No stored alignment in this layout: map the occluder with a typical face's.
             image, arcface, _ = self.occlusion(image, arcface, typical_arcface_matrix(), rng)
@@ -299,9 +306,9 @@ class IdentityDataset(_FaceDataset):
                 elif _as_str(parts[0]) is not None:  # OFER: [fit, images]
                     fit, images = _as_str(parts[0]), _as_str_list(parts[1])
             if images is None or fit is None:
-                raise InputError(f"{path}: entry for actor {actor!r} does not match {_IDENTITY_LAYOUT}")
+                raise InputError(f"{path}: entry for actor {short_repr(actor)} does not match {_IDENTITY_LAYOUT}")
             if not images:
-                self._skip(("list", name, str(actor)), InputError(f"{path}: actor {actor!r} lists no images"))
+                self._skip(("list", name, str(actor)), InputError(f"{path}: actor {short_repr(actor)} lists no images"))
                 continue
             records.append(ActorRecord(name, str(actor), tuple(images), fit))
         return records
@@ -313,7 +320,7 @@ class IdentityDataset(_FaceDataset):
             arrays = _load_npz(fit_path)
             key = "shape" if "shape" in arrays else "betas" if "betas" in arrays else None
             if key is None:
-                raise InputError(f"{fit_path}: expected key 'shape' (OFER) or 'betas' (MICA), found {sorted(arrays)}")
+                raise InputError(f"{fit_path}: expected key 'shape' (OFER) or 'betas' (MICA), found {_key_list(arrays)}")
             shape = _vector(arrays, key, fit_path, 0, self.n_shape)
         except InputError as err:
             self._skip(("file", record.dataset, record.fit), err)
@@ -375,7 +382,7 @@ def read_expression_params(
             jaw = _vector(arrays, "pose", path, 6, JAW_DIM)
         else:
             raise InputError(
-                f"{path}: expected TEMPEH keys (exp, pose) or MICA keys (betas, pose), found {sorted(arrays)}"
+                f"{path}: expected TEMPEH keys (exp, pose) or MICA keys (betas, pose), found {_key_list(arrays)}"
             )
     elif path.suffix == ".npy":
         arrays = load_pickled_npy(path)
@@ -422,7 +429,7 @@ class ExpressionDataset(_FaceDataset):
                 frames = frames.tolist()
             pairs = [_as_str_list(pair) for pair in frames] if isinstance(frames, (list, tuple)) else [None]
             if any(pair is None or len(pair) != 2 for pair in pairs):
-                raise InputError(f"{path}: entry for actor {actor!r} does not match {_EXPRESSION_LAYOUT}")
+                raise InputError(f"{path}: entry for actor {short_repr(actor)} does not match {_EXPRESSION_LAYOUT}")
             records.extend(FrameRecord(name, str(actor), image, params) for image, params in pairs)
         return records
 

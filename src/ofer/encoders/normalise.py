@@ -13,6 +13,10 @@ import numpy as np
 import torch
 
 ARCFACE_SIZE = 112
+# Every stored ArcFace input (test.py's and the training data's) must lie in this range: it is
+# (pixel - 127.5) / 127.5, within [-1, 1]; the margin allows resampling and float16 rounding but
+# catches 0-255 pixels or other normalisations.
+ARCFACE_RANGE = (-1.05, 1.05)
 FARL_SIZE = 224
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

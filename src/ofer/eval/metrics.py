@@ -185,7 +185,7 @@ def evaluate_folder(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, mask
         gt, _ = read_mesh(gt_dir / f"{name}.ply")
         samples = np.stack([_read_vertices(p, gt.shape[0]) for p in sample_paths])  # (S, V, 3)
         mask_path = masks_dir / f"{name}_occlusion.npy"
-        occluded = load_array(mask_path, (gt.shape[0],)).astype(bool) if mask_path.is_file() else None
+        occluded = load_array(mask_path, (gt.shape[0],), boolean=True) if mask_path.is_file() else None
         fit_on = None if occluded is None else np.flatnonzero(~occluded)  # align on what the image shows
         result = evaluate_samples(samples, gt, occluded, ranked_index, align, fit_on)
         shape_path = pred_dir / "shapesample" / f"{name}_0.ply"

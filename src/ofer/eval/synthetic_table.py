@@ -60,7 +60,7 @@ def image_row(out: Path, gt: Path, name: str, flame: FLAME, mean_face: np.ndarra
               jaw_limits: Sequence[float] | None) -> dict[str, float]:
     """The table's values (mm) for one image; `flame` takes the ground truth's full shape vector."""
     neutral_gt, expr_gt = _mesh(gt / "neutral" / f"{name}.ply"), _mesh(gt / f"{name}.ply")
-    occluded = load_array(gt / f"{name}_occlusion.npy", (len(expr_gt),)).astype(bool)
+    occluded = load_array(gt / f"{name}_occlusion.npy", (len(expr_gt),), boolean=True)
     truth = np.load(gt / f"{name}_params.npz")
     pick = _mesh(out / "shapesample" / f"{name}_0.ply")
     sample_paths = find_samples(out, name)

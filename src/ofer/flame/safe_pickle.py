@@ -213,6 +213,9 @@ def _unpickle(file: Any, source: str, plain_data: bool = False) -> Any:
         loaded = (_PlainDataUnpickler if plain_data else _RestrictedUnpickler)(file).load()
     except UnsafePickleError as error:
         raise UnsafePickleError(f"{source}: {error}") from None
+    except UnicodeDecodeError as error:  # a text string of the pickle (protocol 3+ strings are UTF-8)
+        raise PickleFileError(f"{source}: a string in the pickle is not UTF-8 text ({error.reason}: byte "
+                              f"{error.object[error.start:error.start + 1]!r} in {error.object[:40]!r})") from None
     except Exception as error:  # a malformed pickle makes the unpickler raise many types
         raise PickleFileError(f"{source}: truncated or not a pickle ({error!r})") from error
     return _to_numpy(loaded, source)
@@ -253,7 +256,10 @@ def load_npy_object(path: str | os.PathLike, plain_data: bool = False) -> Any:
         except ValueError as error:
             raise InputError(f"{path}: not a valid .npy file ({error})") from error
         if not dtype.hasobject:
-            return np.load(path, allow_pickle=False)
+            try:
+                return np.load(path, allow_pickle=False)
+            except (ValueError, OSError, EOFError) as error:  # e.g. truncated data
+                raise InputError(f"{path}: not a readable .npy file ({error})") from error
         obj = _unpickle(file, str(path), plain_data)
     if isinstance(obj, np.ndarray) and obj.dtype.hasobject and obj.ndim == 0:
         return obj.item()

@@ -19,7 +19,7 @@ from torch import nn
 from ofer.checkpoints import check_stage, checkpoint_config, is_original, load_state, read_checkpoint
 from ofer.config import Config, ConfigError, TestConfig
 from ofer.encoders.arcface import configure_single_image_bn
-from ofer.encoders.normalise import clip_normalise_bgr, crop_to_clip_input
+from ofer.encoders.normalise import ARCFACE_RANGE, clip_normalise_bgr, crop_to_clip_input
 from ofer.flame import FLAME
 from ofer.flame.jaw import jaw_limits_array, jaws_to_pose
 from ofer.io import check_values, load_array, read_image
@@ -44,9 +44,6 @@ class Reconstruction:
     kpt7_mm: np.ndarray  # (7, 3) NoW landmarks of the neutral mesh
 
 
-# The ArcFace input is (pixel - 127.5) / 127.5, within [-1, 1]; the margin allows resampling
-# and float16 rounding but catches 0-255 pixels or other normalisations.
-ARCFACE_RANGE = (-1.05, 1.05)
 MAX_CROP_PIXELS = 4096 * 4096  # a face crop (224 expected, others are resized); anything larger is not one
 
 

@@ -92,11 +92,9 @@ def load_front_indices(path: str | os.PathLike, num_vertices: int) -> torch.Tens
     The file must hold a non-empty list of whole numbers in [0, num_vertices) of the FLAME model
     in use; anything else is an InputError naming the file (checked at start-up, not mid-run).
     """
-    array = load_array(path, (None,))  # the file, a plain .npy, numeric, 1-D: load_array says what is wrong
+    array = load_array(path, (None,))  # the file, a plain .npy, numeric (not a bool mask), 1-D: load_array says what is wrong
     if array.size == 0:
         raise InputError(f"{path}: no front-face vertex indices (empty array)")
-    if array.dtype == np.bool_:  # numeric to load_array, but a vertex mask is not a list of indices
-        raise InputError(f"{path}: expected integer vertex indices, found dtype {array.dtype}")
     if not np.all(np.isfinite(array)) or np.any(array != np.round(array)):
         raise InputError(f"{path}: vertex indices must be whole numbers")
     if array.min() < 0 or array.max() >= num_vertices:

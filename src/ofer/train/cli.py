@@ -12,12 +12,18 @@ from ofer.train.trainer import Trainer
 
 
 def main(stage: str, argv: list[str] | None = None) -> None:
-    """Parse `--cfg`, `--opt` and `--resume`, then train the given stage."""
+    """Parse `--cfg`, `--opt`, `--resume`/`--overwrite`, then train the given stage."""
     parser = argparse.ArgumentParser(description=f"Train OFER's {stage} stage from a YAML config.")
     parser.add_argument("--cfg", required=True, help="stage config (YAML), e.g. configs/demo/idgen.yml")
     parser.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --opt train.diff_lr=1e-4 (repeatable)")
-    parser.add_argument("--resume", action="store_true", help="continue from <train.output_dir>/last.tar")
+    start = parser.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true",
+                       help="continue the run in train.output_dir from its last.tar (a fresh run when the folder "
+                            "has no checkpoints yet)")
+    start.add_argument("--overwrite", action="store_true",
+                       help="start a new run in a train.output_dir that holds an earlier run's last.tar/best.tar, "
+                            "removing them (without this or --resume such a folder is refused)")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -26,7 +32,7 @@ def main(stage: str, argv: list[str] | None = None) -> None:
         cfg = load_config(args.cfg, args.opt)
         if cfg.stage != stage:
             parser.error(f"{args.cfg} is a '{cfg.stage}' config, but this script trains '{stage}'")
-        path = Trainer(cfg, resume=args.resume).fit()
+        path = Trainer(cfg, resume=args.resume, overwrite=args.overwrite).fit()
     except (ConfigError, InputError, FileNotFoundError) as err:  # bad config, data or assets: say which
         log.error("%s", err)
         sys.exit(2)

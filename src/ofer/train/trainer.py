@@ -8,6 +8,17 @@ training losses since the last validation. A run killed after a checkpoint and r
 
 Under torchrun every decision taken from a loss (the LR scheduler step, the best checkpoint)
 uses the value averaged over the ranks, so learning rates and weights stay the same on all.
+
+The output folder (`train.output_dir`) is taken by one run (rank 0 holds `.train.lock`, the
+lock test.py takes on its own folder, `ofer.lock`) before anything there is touched. A folder
+holding an earlier run's `last.tar`/`best.tar` is refused unless `--resume` continues that run
+(from its `last.tar`) or `--overwrite` starts a new one there (removing them first).
+
+On `--resume` the config may differ from the one saved in `last.tar` (`RESUME_FIXED`,
+`RESUME_APPLIED`): keys of what the saved state is of (the networks, the noise schedule, the
+seed the batches are drawn from) are refused; the optimiser's and the LR scheduler's settings
+are applied to the resumed state; every other key takes effect where it is read. Each change
+is logged.
 """
 
 from __future__ import annotations
@@ -30,17 +41,37 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.tensorboard import SummaryWriter
 
-from ofer.checkpoints import MODULE_KEYS, load_state, read_checkpoint, save_checkpoint
-from ofer.config import Config, config_to_dict
+from ofer.checkpoints import (
+    MODULE_KEYS,
+    STAGE_NAMES,
+    CheckpointError,
+    check_stage,
+    is_original,
+    load_state,
+    read_checkpoint,
+    save_checkpoint,
+)
+from ofer.config import Config, ConfigError, config_from_dict, config_to_dict
 from ofer.data.datasets import ExpressionDataset, IdentityDataset
 from ofer.device import resolve_device
-from ofer.io import InputError, OutputFolderError, check_output_folder, remove_stale_temporaries
+from ofer.io import InputError, OutputFolderError, check_output_folder, remove_stale_temporaries, short_repr
+from ofer.lock import FolderLock
 from ofer.progress import progress
 from ofer.train.tasks import METRIC_NOTES, build_task, param_groups
 
 log = logging.getLogger(__name__)
 
 PRIMARY_METRIC = {"idgen": "val/vertex_error_mm", "expgen": "val/vertex_error_mm", "idrank": "val/ranked_error_mm"}
+LOCK_NAME = ".train.lock"
+CHECKPOINT_NAMES = ("last.tar", "best.tar")
+TRAINING_STATE = ("optimizer", "scheduler", "step", "best", "rng")  # what --resume needs beyond the weights
+# Config keys (dotted, or a section prefix ending in '.') that --resume cannot change: the saved
+# weights and optimiser state are of these networks, and the batches follow the seed.
+RESUME_FIXED = ("stage", "model.n_shape", "model.n_exp", "model.expencoder", "model.tiny_encoders", "model.with_freeze",
+                "net.", "varsched.", "train.seed")
+# Keys held by the resumed optimiser (per parameter group) and LR scheduler: the new value is applied.
+RESUME_APPLIED = ("train.diff_lr", "train.arcface_lr", "train.farl_lr", "train.rank_lr", "train.weight_decay",
+                  "train.lr_patience", "train.lr_factor")
 
 
 class StepBatchSampler(Sampler[list[tuple[int, int]]]):
@@ -88,6 +119,21 @@ def build_dataset(cfg: Config, split: str) -> Any:
     return IdentityDataset(cfg.dataset, names, n_shape=cfg.model.n_shape, split=split, seed=cfg.train.seed)
 
 
+def flat_config(cfg: Config) -> dict[str, Any]:
+    """The config as {dotted key: value}."""
+    flat: dict[str, Any] = {}
+
+    def walk(node: dict, prefix: str) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            else:
+                flat[f"{prefix}{key}"] = value
+
+    walk(config_to_dict(cfg), "")
+    return flat
+
+
 def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
@@ -122,16 +168,40 @@ def setup_distributed(requested: str) -> Distributed:
 
 
 class Trainer:
-    """Builds the task, optimiser, scheduler and data of a stage and runs the loop."""
+    """Builds the task, optimiser, scheduler and data of a stage and runs the loop.
 
-    def __init__(self, cfg: Config, resume: bool = False):
+    Rank 0 holds the output folder's lock from here to the end of `fit` (or `close`).
+    """
+
+    def __init__(self, cfg: Config, resume: bool = False, overwrite: bool = False):
+        if resume and overwrite:
+            raise ValueError("resume and overwrite exclude each other")
+        if not cfg.dataset.training_data:
+            raise ConfigError("config key 'dataset.training_data': empty; training needs at least one data set, "
+                              "e.g. dataset.training_data=[SYNTH]")
         self.cfg = cfg
         self.out = Path(cfg.train.output_dir)
         self.place = setup_distributed(cfg.train.device)
-        if self.place.is_main:
-            self._prepare_output_dir()
+        self.lock = FolderLock(self.out, LOCK_NAME, f"train{STAGE_NAMES[cfg.stage]}.py", "set another train.output_dir")
+        try:
+            self._build(resume, overwrite)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, resume: bool, overwrite: bool) -> None:
+        cfg = self.cfg
+        self._on_every_rank(lambda: self._prepare_output_dir(resume, overwrite))
+        resume_from = self.out / "last.tar" if resume and (self.out / "last.tar").is_file() else None
+        if resume and resume_from is None:
+            log.info("--resume: no %s yet, starting from scratch", self.out / "last.tar")
+        # The files to start from are read and checked before any work.
+        state = self._read_training_state(resume_from) if resume_from is not None else None
+        init = self._read_initial_weights(Path(cfg.train.init_checkpoint)) if cfg.train.init_checkpoint and not state else None
         torch.manual_seed(cfg.train.seed)
         self.task = build_task(cfg).to(self.place.device)
+        if init is not None:  # before the optimiser and the EMA copy are made from the weights
+            load_state(init, self.task.model, cfg.train.init_checkpoint)
         self.optimizer = torch.optim.AdamW(param_groups(self.task.model, cfg), weight_decay=cfg.train.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             self.optimizer, factor=cfg.train.lr_factor, patience=cfg.train.lr_patience
@@ -148,30 +218,79 @@ class Trainer:
         self.last_picture: np.ndarray | None = None  # rendered validation samples, for tensorboard
         self._metrics_explained = False  # the metric descriptions are logged at the first validation
         self._started = time.perf_counter()
-        if resume:
-            self._resume()
+        if state is not None:
+            self._resume(*state, resume_from)
         self.train_set = build_dataset(cfg, "train")
         self.val_set = build_dataset(cfg, "val") if cfg.dataset.validation_data else None
         self.amp = cfg.train.amp and self.place.device.type == "cuda"
 
+    def close(self) -> None:
+        """Let go of the output folder (rank 0's lock); `fit` does this when it ends."""
+        self.lock.release()
+
     # ------------------------------------------------------------------ checkpoints
-    def _prepare_output_dir(self) -> None:
-        """Check that `train.output_dir` can be written (before any work) and remove temporary
-        checkpoint files that a kill during a write left there."""
+    def _on_every_rank(self, prepare: Any) -> None:
+        """Run `prepare` on rank 0; an InputError it raises is raised on every rank (none waits for a rank 0
+        that stopped)."""
+        error = None
+        if self.place.is_main:
+            try:
+                prepare()
+            except InputError as err:
+                error = err
+        if self.place.world_size > 1:
+            message = [None if error is None else str(error)]
+            dist.broadcast_object_list(message, src=0)
+            if message[0] is not None and error is None:
+                error = InputError(message[0])
+        if error is not None:
+            raise error
+
+    def _prepare_output_dir(self, resume: bool, overwrite: bool) -> None:
+        """Check that `train.output_dir` can be written and take its lock (before any work); refuse to
+        replace an earlier run's checkpoints unless resuming or told to overwrite; remove temporary
+        checkpoint files that a kill during a write left there (no live run writes them: we hold the lock)."""
         try:
             check_output_folder(self.out)
+            self.lock.acquire()
         except OutputFolderError as err:  # a config value: reported as the other config errors are
             raise InputError(f"train.output_dir: {err}") from err
-        for name in ("last.tar", "best.tar"):
+        present = [name for name in CHECKPOINT_NAMES if (self.out / name).exists()]
+        if present and not overwrite and not (resume and "last.tar" in present):
+            files = " and ".join(present)
+            held = (f"holds {files} but no last.tar, so --resume cannot continue a run there; pass" if resume else
+                    f"already holds {files} of an earlier run; pass --resume to continue it,")
+            raise InputError(f"train.output_dir: {self.out} {held} --overwrite to start a new run there (removing "
+                             f"{files}), or set another train.output_dir")
+        for name in CHECKPOINT_NAMES:
             for stale in remove_stale_temporaries(self.out / name):
                 log.info("removed %s, left by a checkpoint write that was interrupted", stale)
+        if overwrite:
+            for name in present:
+                (self.out / name).unlink()
+                log.info("--overwrite: removed %s of an earlier run", self.out / name)
 
-    def _resume(self) -> None:
-        path = self.out / "last.tar"
-        if not path.is_file():
-            log.info("--resume: no %s yet, starting from scratch", path)
-            return
+    def _read_initial_weights(self, path: Path) -> dict:
+        """`train.init_checkpoint`: the file whose weights the stage starts from (of this stage)."""
         ckpt = read_checkpoint(path)
+        check_stage(ckpt, self.cfg.stage, path, "train.init_checkpoint")
+        return ckpt
+
+    def _read_training_state(self, path: Path) -> tuple[dict, set[str]]:
+        """The checkpoint --resume continues and the config keys changed since (see `_changed_settings`)."""
+        ckpt = read_checkpoint(path)
+        missing = [key for key in TRAINING_STATE if key not in ckpt]
+        if missing:
+            what = ("a released OFER checkpoint" if is_original(ckpt) else
+                    "an inference bundle" if "bundle" in ckpt else "an inference-only file")
+            raise CheckpointError(
+                f"{path}: holds model weights only ({what}, no {', '.join(missing)}), not a training state, so "
+                f"--resume cannot continue from it; to train from these weights, start a new run in another "
+                f"train.output_dir with --opt train.init_checkpoint={path}")
+        return ckpt, self._changed_settings(ckpt, path)
+
+    def _resume(self, ckpt: dict, changed: set[str], path: Path) -> None:
+        """Load the weights, optimiser, scheduler, step and RNG state of `ckpt` (read from `path`)."""
         # With EMA the model entries hold the averaged weights and `train_weights` the raw ones.
         load_state(ckpt.get("train_weights", ckpt), self.task.model, path)
         if self.ema is not None:
@@ -179,12 +298,47 @@ class Trainer:
             self.ema.n_averaged.fill_(ckpt.get("ema_n_averaged", 0))
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
+        self._apply_changed_settings(changed)
         self.step, self.best, self.seconds = ckpt["step"], ckpt["best"], ckpt.get("train_seconds", 0.0)
         self.recent = list(ckpt.get("recent_losses", []))
         torch.set_rng_state(ckpt["rng"]["torch"])
         if torch.cuda.is_available() and ckpt["rng"].get("cuda"):
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
         log.info("resumed from %s at step %d", path, self.step)
+
+    def _changed_settings(self, ckpt: dict, path: Path) -> set[str]:
+        """The config keys that differ from the run being resumed (logged); ConfigError for those it cannot change."""
+        if not isinstance(ckpt.get("config"), dict):
+            return set()
+        old, new = flat_config(config_from_dict(ckpt["config"])), flat_config(self.cfg)
+        changed = {key for key in new if old.get(key) != new[key]}
+        ema_switched = (old.get("train.ema_decay") is None) != (new["train.ema_decay"] is None)
+        fixed = sorted(k for k in changed if any(k == f or (f.endswith(".") and k.startswith(f)) for f in RESUME_FIXED)
+                       or (k == "train.ema_decay" and ema_switched))
+        if fixed:
+            raise ConfigError(
+                f"--resume from {path}: {'; '.join(f'{k} {short_repr(old.get(k))} -> {short_repr(new[k])}' for k in fixed)}: "
+                "resuming cannot change these (the saved networks, optimiser state and batch order depend on them); "
+                "drop those overrides to resume, or start a new run in another train.output_dir")
+        for key in sorted(changed):
+            how = "applied to the resumed optimiser and LR scheduler" if key in RESUME_APPLIED else "takes effect"
+            log.info("--resume: %s changed from %s to %s (%s)", key, short_repr(old.get(key)), short_repr(new[key]), how)
+        return changed
+
+    def _apply_changed_settings(self, changed: set[str]) -> None:
+        """Put the new values of RESUME_APPLIED keys into the optimiser and LR scheduler just loaded."""
+        t = self.cfg.train
+        for group in self.optimizer.param_groups:
+            lr_key = {"net": "rank_lr" if self.cfg.stage == "idrank" else "diff_lr"}.get(group["name"],
+                                                                                     f"{group['name']}_lr")
+            if f"train.{lr_key}" in changed:
+                group["lr"] = getattr(t, lr_key)
+            if "train.weight_decay" in changed:
+                group["weight_decay"] = t.weight_decay
+        if "train.lr_patience" in changed:
+            self.scheduler.patience = t.lr_patience
+        if "train.lr_factor" in changed:
+            self.scheduler.factor = t.lr_factor
 
     def save(self, name: str) -> Path:
         path = self.out / name
@@ -248,6 +402,12 @@ class Trainer:
 
     def fit(self) -> Path:
         """Train until `train.max_steps`; return the path of the last checkpoint."""
+        try:
+            return self._fit()
+        finally:
+            self.close()
+
+    def _fit(self) -> Path:
         cfg, place = self.cfg, self.place
         model: nn.Module = self.task
         if place.world_size > 1:
