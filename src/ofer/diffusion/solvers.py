@@ -36,8 +36,9 @@ def solver_scheduler(sampler: str, schedule: NoiseSchedule, steps: int | None) -
     """A fresh diffusers scheduler for ``sampler`` with its ``steps`` timesteps set (cheap: no network).
 
     Its timesteps and σ tables stay on the CPU (diffusers keeps σ there "to avoid too much
-    CPU/GPU communication"), and its step index starts at 0 (``set_begin_index``), so its
-    first ``step`` does not search the timesteps with ``nonzero`` (a host sync on a GPU).
+    CPU/GPU communication"), and β comes from ``schedule.host_betas``, so that setting it up,
+    listing its visits and its first ``step`` (which finds its place in the timesteps with
+    ``nonzero``) read nothing back from a GPU.
 
     Args:
         sampler: ``"dpmpp_2m"`` or ``"unipc"``.
@@ -68,7 +69,6 @@ def solver_scheduler(sampler: str, schedule: NoiseSchedule, steps: int | None) -
     with warnings.catch_warnings():  # diffusers 0.42 calls np.array on a tensor the numpy-2 way numpy warns about
         warnings.simplefilter("ignore", DeprecationWarning)
         scheduler.set_timesteps(steps, device="cpu")
-    scheduler.set_begin_index(0)
     return scheduler
 
 
