@@ -9,8 +9,9 @@ Two sizes:
   the original samplers (``ddim_legacy`` + ``ddpm``) with ``--original``.
 
 Batch sizes take turns in rounds, best of ``--repeats`` per size. With ``--memory`` each
-batch size also runs once in a fresh process that prints its peak (CPU: the process's peak
-RSS; CUDA: the peak memory allocated), so that the slope gives the memory per image.
+batch size also runs in a fresh process that prints the memory one call takes beyond what
+the process holds before it (``call_memory_mb``: CUDA's peak allocated, or the CPU's peak
+RSS), so that the slope over batch sizes gives the memory per image.
 
     python bench/batch_speed.py --device cpu --sizes demo flame --batches 1 2 4 8 --memory
     python bench/batch_speed.py --device cuda --cuda-graph --batches 1 8 32 auto
@@ -20,7 +21,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
+import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -85,10 +87,27 @@ def seconds(pipe: OferPipeline, batch: int, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def peak_mb(device: torch.device) -> float:
+def status_kb(field: str) -> int:
+    """A field of /proc/self/status in kB (Linux)."""
+    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+
+
+def call_memory_mb(pipe: OferPipeline, batch: int, device: torch.device) -> float:
+    """The memory one pipeline call of ``batch`` images takes beyond what is held before it: on
+    CUDA the peak allocated less the allocated before; on a CPU the peak RSS (VmHWM, reset
+    through /proc/self/clear_refs) less the RSS before, with malloc's mmap threshold fixed
+    (MALLOC_MMAP_THRESHOLD_, set by the parent) so that freed tensors leave the RSS."""
+    seconds(pipe, batch, device)  # warm-up: caches, static steps
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        seconds(pipe, batch, device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    Path("/proc/self/clear_refs").write_text("5")
+    before = status_kb("VmRSS")
+    seconds(pipe, batch, device)
+    return (status_kb("VmHWM") - before) / 1024
 
 
 def batches_of(args: argparse.Namespace, pipe: OferPipeline, vertices: int, device: torch.device) -> tuple[list[int], int]:
@@ -114,10 +133,7 @@ def main() -> None:
     device = torch.device(args.device)
     if args.child:
         pipe, _ = build(args.sizes[0], device, args.original, args.cuda_graph, args.dtype)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        seconds(pipe, args.child, device)
-        print(json.dumps({"batch": args.child, "peak_mb": round(peak_mb(device))}))
+        print(json.dumps({"batch": args.child, "call_mb": round(call_memory_mb(pipe, args.child, device))}))
         return
     print(f"device {device}, threads {torch.get_num_threads()}, dtype {args.dtype}"
           f"{', CUDA graphs' if args.cuda_graph else ''}, best of {args.repeats} rounds", flush=True)
@@ -138,17 +154,19 @@ def main() -> None:
         if args.memory:
             child = [sys.executable, __file__, "--device", args.device, "--sizes", size, "--dtype", args.dtype]
             child += (["--original"] if args.original else []) + (["--cuda-graph"] if args.cuda_graph else [])
+            env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
             for b in batches:
-                out = subprocess.run([*child, "--child", str(b)], check=True, stdout=subprocess.PIPE, text=True).stdout
-                peaks[b] = json.loads(out.strip().splitlines()[-1])["peak_mb"]
-        print(f"\n| {size} batch | s per image | images/s | vs batch 1 | peak MB |\n|---|---|---|---|---|")
+                out = subprocess.run([*child, "--child", str(b)], check=True, stdout=subprocess.PIPE, text=True,
+                                     env=env).stdout
+                peaks[b] = json.loads(out.strip().splitlines()[-1])["call_mb"]
+        print(f"\n| {size} batch | s per image | images/s | vs batch 1 | call memory MB |\n|---|---|---|---|---|")
         for b in batches:
             print(f"| {b}{' (auto)' if b == auto else ''} | {best[b] / b:.3f} | {b / best[b]:.2f} | "
                   f"{best[1] / (best[b] / b):.2f}x | {peaks.get(b, '-')} |", flush=True)
         if args.json:
             with open(args.json, "a") as f:
                 f.write(json.dumps({"size": size, "original": args.original, "auto": auto, "s_per_image": {b: best[b] / b for b in batches},
-                                    "peak_mb": peaks}) + "\n")
+                                    "call_mb": peaks}) + "\n")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@
 # It runs from the repository root without installing the project (PYTHONPATH=src) with the
 # machine's own PyTorch, and installs the wheels in .whl/ (if any) to /tmp/site first. It needs
 # torch, numpy, scipy, opencv (cv2), PyYAML, tqdm, scikit-image, Pillow and pytest, which the
-# H200 image has, and trimesh, diffusers and importlib_metadata (plus open_clip_torch, ftfy and
+# H200 image has (with diffusers' packaging, huggingface_hub, regex, requests, safetensors and
+# open_clip's torchvision, timm), and trimesh and diffusers (plus open_clip_torch, ftfy and
 # wcwidth for the old code), which it lacks and .whl/ brings. Its first section imports them
 # all, prints their versions and lists what is missing; it stops at once where PyTorch sees no
 # CUDA GPU. Sections:
@@ -62,7 +63,7 @@ import importlib, json, sys
 needed = {"torch": "everything", "numpy": "everything", "scipy": "FLAME, tests", "cv2": "test.py, tests",
           "yaml": "configs", "tqdm": "progress bars", "skimage": "tests, synthetic data", "PIL": "test.py",
           "pytest": "section 1", "trimesh": "tests/test_flame.py (carried)", "diffusers": "dpmpp_2m, unipc (carried)",
-          "importlib_metadata": "diffusers (carried)", "open_clip": "old code 5bf4554 (carried)",
+"open_clip": "old code 5bf4554 (carried)",
           "ftfy": "open_clip (carried)", "wcwidth": "ftfy (carried)", "torchvision": "open_clip", "timm": "open_clip"}
 missing, versions = [], {}
 for module, why in needed.items():
