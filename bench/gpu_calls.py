@@ -101,7 +101,8 @@ def main() -> None:
     args = p.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda":
-        torch.cuda.set_device(device)
+        device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
+        torch.cuda.set_device(device)  # wants an index
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (a dry run: no graphs)"
     print(f"torch {torch.__version__}, {machine}, {args.rows} rows, step {STEP}, "
           f"chains of {args.calls} calls, best of 3", flush=True)

@@ -155,9 +155,10 @@ class OferPipeline:
                  generator: torch.Generator | list[torch.Generator]) -> list[Reconstruction]:
         """image (B, 3, 224, 224) CLIP-normalised, arcface (B, 3, 112, 112) -> B reconstructions.
 
-        `generator`: one generator, or one per image (`ofer.diffusion.noise`). With
-        `test.dtype = bfloat16` the encoders and denoisers run under bfloat16 autocast;
-        IdRank and FLAME stay in float32.
+        `generator`: one generator, or one per image (`ofer.diffusion.noise`); each draws on its
+        own device, so CPU generators give the same noise on every device. With
+        `test.dtype = bfloat16` the encoders run under bfloat16 autocast and the denoisers'
+        products in bfloat16 (`Denoiser.sampler`; ε̂ float32); IdRank and FLAME stay in float32.
         """
         t = self.test
         image, arcface = image.to(self.device), arcface.to(self.device)
@@ -175,8 +176,9 @@ class OferPipeline:
         # IdRank: score every sample from (mean, sample - mean) on the front face; keep the best.
         scores = self.idrank.scores(rank_features(meshes, self.front_idx), ctx_idrank)  # (B, N)
         best = scores.argmax(dim=1)  # (B,)
-        best_shape = shapes[torch.arange(b), best]  # (B, n_shape)
-        neutral_mm = meshes[torch.arange(b), best]  # (B, V, 3): the best sample's neutral mesh
+        rows = torch.arange(b, device=self.device)  # made there: no copy from the host
+        best_shape = shapes[rows, best]  # (B, n_shape)
+        neutral_mm = meshes[rows, best]  # (B, V, 3): the best sample's neutral mesh
 
         # ExpGen: M expression + jaw samples per image, applied to the chosen identity.
         m = t.num_expressions
