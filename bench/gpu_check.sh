@@ -30,6 +30,7 @@ set -uo pipefail
 out=$(realpath -m "${1:?usage: bash bench/gpu_check.sh OUT_DIR [OLD_SRC_PARENT]}")
 cd "$(dirname "$0")/.."
 old=$(realpath -m "${2:-.gpu/old}")
+export out  # section 4 runs in a child shell
 mkdir -p "$out"
 exec > >(tee "$out/gpu_check.log") 2>&1
 deadline=$((SECONDS + ${GPU_CHECK_SECONDS:-540}))

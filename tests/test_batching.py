@@ -8,8 +8,8 @@ from ofer.inference.batching import auto_batch_size
 CUDA = torch.device("cuda")
 
 
-def test_cpu_batches_only_small_sample_counts():
-    assert auto_batch_size("cpu", 100, 100, 5023) == 1
+def test_cpu_fills_the_calls_up_to_its_row_target():
+    assert auto_batch_size("cpu", 100, 100, 5023) == batching.CPU_ROWS // 100 > 1
     assert auto_batch_size("cpu", 32, 16, 2434) == batching.CPU_ROWS // 32
     assert auto_batch_size("cpu", 5, 5, 2434, num_images=3) == 3  # never more than the images there are
 

@@ -4,8 +4,12 @@ A batch of B images samples B·N identity rows and B·M expression rows per netw
 builds B·(N + M) FLAME meshes. On a GPU one call at 100 rows leaves the device mostly idle
 (its time is launches, not arithmetic), so images go together until the calls have
 ``GPU_ROWS`` rows or the meshes would fill ``GPU_MEMORY_FRACTION`` of the free memory. On a
-CPU the calls are arithmetic already at a few dozen rows: batching there saves only
-per-operation overhead, which matters for small N and M only (``bench/batch_speed.py``).
+CPU batching saves per-operation overhead and per-image work done once per batch: measured
+with ``bench/batch_speed.py`` on the 2-core CPU (tiny encoders, ``dpmpp_2m`` 10, two runs on a
+loaded host), at N = M = 100 batch 4 took 0.65 and 0.62 of batch 1's seconds per image, batch
+8 0.57 and 0.60; at the demo's N = 32, M = 16 (``ddim`` 25) batches of 2 to 8 took 0.35 to
+0.64 (batch 3 0.35 and 8 0.39 in one run; 2 0.44, 4 0.46 and 8 0.64 in the other). So images
+go together up to ``CPU_ROWS`` rows per call there too.
 """
 
 from __future__ import annotations
@@ -14,16 +18,16 @@ import math
 
 import torch
 
-# CPU: images go together until a call has CPU_ROWS rows (bench/batch_speed.py on the 2-core CPU:
-# at N = M = 100 batch 2 gave nothing over batch 1; at the demo's N = 32, M = 16, see the README)
-CPU_ROWS = 100
+CPU_ROWS = 800  # N = M = 100: batches of 8
 # GPU (not measured on a GPU yet: bench/gpu_check.sh times batch 1, 8, 32 and this choice)
 GPU_ROWS = 3200
 GPU_MEMORY_FRACTION = 0.5
-# Peak bytes per mesh vertex of one sample, measured as the slope of the peak RSS over batch
-# sizes on the CPU at FLAME size (bench/batch_speed.py --memory): the meshes (x, y, z float32),
-# FLAME's blend shapes and skinning intermediates, IdRank's features and the outputs' copies.
-BYTES_PER_SAMPLE_VERTEX = 120
+# Bytes per sample and mesh vertex one call needs: twice the 65 measured on the CPU at N = M = 100
+# (bench/batch_speed.py --memory: 128 MB at batch 4, 255 MB at batch 8 on the 2434-vertex model,
+# 32 MB per image): the meshes, FLAME's blend shapes and skinning, IdRank's features, the outputs'
+# copies (80 at the demo's sizes, 9.4 MB per image); the margin covers the GPU allocator's
+# rounding and the CUDA graphs' pools.
+BYTES_PER_SAMPLE_VERTEX = 132
 MAX_BATCH = 64
 
 
@@ -34,10 +38,11 @@ def auto_batch_size(device: torch.device | str, numsamples: int, num_expressions
     Rule: B = ⌊rows / max(N, M)⌋ with rows = ``CPU_ROWS`` on a CPU and ``GPU_ROWS`` on a GPU, at
     least 1 and at most ``MAX_BATCH``; on a GPU also at most what fits in
     ``GPU_MEMORY_FRACTION`` of the free memory (``torch.cuda.mem_get_info``, or ``free_bytes``)
-    at ``BYTES_PER_SAMPLE_VERTEX`` per sample and vertex, i.e. (N + M)·V·120 bytes per image:
-    about 120 MB at N = M = 100 and FLAME's 5023 vertices (measured as peak RSS on a CPU; the
-    GPU holds the same tensors, plus the CUDA graphs' pools, a few MB per graph); and at most
-    ``num_images`` when given (the images there are to reconstruct).
+    at ``BYTES_PER_SAMPLE_VERTEX`` per sample and vertex, i.e. (N + M)·V·132 bytes per image:
+    133 MB at N = M = 100 and FLAME's 5023 vertices, twice the 65 MB measured on a CPU (the GPU
+    holds the same tensors), so that an H200's ~139 GB are never the limit at these sizes; and
+    at most ``num_images`` when given (the images there are to reconstruct). On a GPU this
+    gives 32 images at N = M = 100: an estimate until ``bench/gpu_check.sh`` times it.
 
     Args:
         device: where the pipeline runs.
