@@ -126,7 +126,7 @@ def main() -> None:
             fast = net.sampler(ctx, dtype, timesteps=[STEP])
             rows.append((f"{label}eager", lambda y, fast=fast: fast.at_step(y, STEP), 0.0))
             if not label:
-                rows.append(("eager, step read back", lambda y, fast=fast: fast(y, t), 0.0))
+                rows.append(("eager, step read back", lambda y, fast=fast, t=t: fast(y, t), 0.0))
             static = StaticEps(net.sampler(ctx, dtype).eps, (args.rows, flame_dim), device, cuda_graph=True)
             rows.append((f"{label}CUDA graph", lambda y, static=static: static.at_step(y, STEP), static.capture_seconds))
         eager_ms = None

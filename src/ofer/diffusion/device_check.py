@@ -22,12 +22,15 @@ find it on CUDA.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+
+if TYPE_CHECKING:
+    from typing import Self  # Python 3.11+
 
 aten = torch.ops.aten
 HOST_READS = {"item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__", "__complex__"}
@@ -52,7 +55,7 @@ class DeviceCheck:
         self.device, self.strict = torch.device(device), strict
         self.modes = (_FunctionCheck(self), _DispatchCheck(self))
 
-    def __enter__(self) -> DeviceCheck:
+    def __enter__(self) -> Self:
         for mode in self.modes:
             mode.__enter__()
         return self
