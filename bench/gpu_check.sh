@@ -20,8 +20,9 @@
 #   models: CPU float32, CUDA float32 at batch 1, CUDA bfloat16 + graphs at batch 4, their
 #   error tables and differences (bench/demo_runs.py);  5. batch sizes at FLAME size
 #   (bench/batch_speed.py);  6. against 5bf4554 (eager, and today's CUDA graphs).
-# Everything goes to OUT_DIR/gpu_check.log; each section writes its figures to OUT_DIR as it
-# ends, and OUT_DIR/summary.txt (also printed) puts them against the targets (bench/gpu_summary.py).
+# Everything goes to OUT_DIR/gpu_check.log as it comes; the sections' figure files are packed
+# into OUT_DIR/parts.tgz as each ends, and OUT_DIR/summary.txt (also printed) puts them against
+# the targets (bench/gpu_summary.py).
 # A failing or timed-out section does not stop the others. GPU_CHECK_SECONDS (default 540)
 # bounds the whole run: a section starts only with time left and never runs past it.
 # GPU_CHECK_ANYWAY=1 goes on without CUDA, so that the script can be checked on a CPU: every
@@ -30,19 +31,24 @@ set -uo pipefail
 out=$(realpath -m "${1:?usage: bash bench/gpu_check.sh OUT_DIR [OLD_SRC_PARENT]}")
 cd "$(dirname "$0")/.."
 old=$(realpath -m "${2:-.gpu/old}")
-export out  # section 4 runs in a child shell
+# OUT_DIR gets three files (the run tool returns at most 8): gpu_check.log, summary.txt and
+# parts.tgz, the sections' figure files, packed again as each section ends
+parts=$(mktemp -d /tmp/gpu_check_parts.XXXX)
+export parts  # section 4 runs in a child shell
 mkdir -p "$out"
 exec > >(tee "$out/gpu_check.log") 2>&1
 deadline=$((SECONDS + ${GPU_CHECK_SECONDS:-540}))
 status=0
-section() { echo; echo "== $* ($(date +%T), $((deadline - SECONDS)) s left)"; }
+pack() { tar -czf "$out/parts.tgz" -C "$parts" . 2>/dev/null; }
+section() { pack; echo; echo "== $* ($(date +%T), $((deadline - SECONDS)) s left)"; }
+summary() { python3 bench/gpu_summary.py "$parts" && cp "$parts/summary.txt" "$out/"; pack; }
 # timed LIMIT FILE CMD...: run CMD for at most LIMIT seconds (less if the run's time is nearly
 # up), its output also written to OUT_DIR/FILE as it comes (FILE - for none)
 timed() {
   local limit=$1 file=$2 left=$((deadline - SECONDS - 5)); shift 2
   ((left < limit)) && limit=$left
   if ((limit < 15)); then echo "!! skipped (no time left): $*"; status=1; return; fi
-  [ "$file" = - ] && file=/dev/null || file=$out/$file
+  [ "$file" = - ] && file=/dev/null || file=$parts/$file
   timeout --kill-after=5 "$limit" "$@" 2>&1 | tee -a "$file"
   local rc=${PIPESTATUS[0]}
   if ((rc == 124 || rc == 137)); then echo "!! timed out after ${limit} s: $*"; status=1
@@ -59,7 +65,7 @@ export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 
 section "0. imports and machine"
 nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv 2>&1
-python3 - "$out" <<'EOF'
+python3 - "$parts" <<'EOF'
 import importlib, json, sys
 needed = {"torch": "everything", "numpy": "everything", "scipy": "FLAME, tests", "cv2": "test.py, tests",
           "yaml": "configs", "tqdm": "progress bars", "skimage": "tests, synthetic data", "PIL": "test.py",
@@ -85,7 +91,7 @@ sys.exit(0 if cuda else 3)
 EOF
 if (($? != 0)) && [ -z "${GPU_CHECK_ANYWAY:-}" ]; then
   echo "!! PyTorch sees no CUDA GPU (or is missing): nothing else runs (GPU_CHECK_ANYWAY=1 goes on, to check the script)"
-  python3 bench/gpu_summary.py "$out"
+  summary
   exit 2
 fi
 
@@ -94,8 +100,7 @@ timed 120 gpu_tests.txt python3 -m pytest -q -m gpu -p no:cacheprovider -rs test
   tests/test_pipeline.py tests/test_flame.py tests/test_noise.py
 
 section "2. one denoiser call at batch 100 (bench/gpu_calls.py)"
-rm -f "$out/calls.jsonl"
-timed 90 - python3 bench/gpu_calls.py --device cuda --json "$out/calls.jsonl"
+timed 90 - python3 bench/gpu_calls.py --device cuda --json "$parts/calls.jsonl"
 
 section "3. the pipeline on the GPU, batch 1 (bench/pipeline_speed.py, ArcFace + FaRL random weights)"
 only=(--only "original: ddim_legacy + ddpm" "dpmpp_2m 10" --repeats 2 --json)
@@ -118,16 +123,16 @@ demo() {
   python3 test.py "${common[@]}" --outputpath /tmp/demo_bf16 --device cuda --batch 4 --dtype bfloat16 \
     --opt test.cuda_graph=true &&
   python3 bench/demo_runs.py cpu_float32=/tmp/demo_cpu cuda_float32=/tmp/demo_cuda \
-    cuda_bf16_graph_batch4=/tmp/demo_bf16 --json "$out/demo.json" &&
-  cp /tmp/demo_cuda/summary.json "$out/demo_cuda_summary.json"
+    cuda_bf16_graph_batch4=/tmp/demo_bf16 --json "$parts/demo.json" &&
+  cp /tmp/demo_cuda/summary.json "$parts/demo_cuda_summary.json"
 }
 timed 150 - bash -c "$(declare -f demo); demo"
 
 section "5. batch sizes at FLAME size, CUDA graphs (bench/batch_speed.py, tiny encoders)"
-rm -f "$out/batch.jsonl"
-timed 60 - python3 bench/batch_speed.py --device cuda --cuda-graph --sizes flame --batches 1 8 32 auto --json "$out/batch.jsonl"
+timed 60 - python3 bench/batch_speed.py --device cuda --cuda-graph --sizes flame --batches 1 8 32 auto \
+  --json "$parts/batch.jsonl"
 timed 60 - python3 bench/batch_speed.py --device cuda --cuda-graph --sizes flame --original --batches 1 8 32 auto \
-  --repeats 1 --json "$out/batch.jsonl"
+  --repeats 1 --json "$parts/batch.jsonl"
 
 section "6. against 5bf4554 at the original samplers ($old)"
 if [ -d "$old/src/ofer" ]; then
@@ -139,6 +144,6 @@ else
 fi
 
 section "summary"
-python3 bench/gpu_summary.py "$out"
+summary
 echo "status $status"
 exit $status

@@ -60,10 +60,10 @@ def rows(out: Path) -> list[tuple[str, str, str, str]]:
                           ">= 10x", verdict(graph["speedup"] >= 10)))
         for c in (eager, graph):
             if c:
-                table.append((f"{net} {c['call']} max |diff| vs CPU float32", f"{c['max_abs_diff']:.1e}", "<= 1e-4",
+                table.append((f"{net} {c['call']} max abs diff vs CPU float32", f"{c['max_abs_diff']:.1e}", "<= 1e-4",
                               verdict(c["max_abs_diff"] <= 1e-4)))
         if bf16:
-            table.append((f"{net} bf16 graph max |diff| vs CPU float32", f"{bf16['max_abs_diff']:.1e}", "reported", ""))
+            table.append((f"{net} bf16 graph max abs diff vs CPU float32", f"{bf16['max_abs_diff']:.1e}", "reported", ""))
 
     original, fast = "original: ddim_legacy + ddpm", "dpmpp_2m 10"
     for variant in ("eager", "graph", "bf16"):
@@ -99,7 +99,7 @@ def rows(out: Path) -> list[tuple[str, str, str, str]]:
             table.append((f"demo {label} vs {next(iter(demo))}: largest MEAN column diff, same pick",
                           f"{worst:.3f} mm, {entry['same_pick']}", "<= 0.01 mm" if bf16 else "",
                           verdict(worst <= 0.01) if bf16 else ""))
-            table.append((f"demo {label} vs {next(iter(demo))}: max |diff| of the samples",
+            table.append((f"demo {label} vs {next(iter(demo))}: max abs diff of the samples",
                           ", ".join(f"{k} {v:.1e}" for k, v in entry["max_abs_diff"].items()), "", ""))
 
     for variant in ("eager", "graph"):
