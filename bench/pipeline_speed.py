@@ -6,7 +6,8 @@ ViT-B/16 (or the tiny encoders with --tiny-encoders). The face model is the synt
 FLAME-format model (2434 vertices instead of FLAME's 5023; FLAME's cost is small next to
 the sampling). Prints seconds per image and images per second per sampler setting (best of
 ``--repeats`` rounds over the settings), the peak memory, and the time of one IdGen and one
-ExpGen network call as sampling makes it (the fast path, ``Denoiser.sampler``). It runs with
+ExpGen network call as sampling makes it (the fast path, ``Denoiser.sampler``, or with
+``--cuda-graph`` the replay of the captured step, whose capture time is printed too). It runs with
 whichever ``ofer`` is importable, so ``--compare`` can run it on an older checkout too: the
 two codes then take turns in fresh processes (each its own peak memory) at the original
 samplers, on the device, dtype and CUDA-graph setting given (older code without an option
@@ -68,6 +69,8 @@ def build(tiny: bool, device: torch.device, n: int, m: int, front: int) -> OferP
 
 
 def peak_memory_mb(device: torch.device) -> float:
+    """Peak GPU memory allocated since the last ``torch.cuda.reset_peak_memory_stats``, or the
+    process's peak RSS on a CPU (never reset)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
@@ -90,16 +93,40 @@ def time_call(fn, device: torch.device, repeats: int = 5) -> float:
     return min(elapsed(fn, device) for _ in range(repeats))
 
 
-def network_call(net: torch.nn.Module, context: torch.Tensor, dtype: torch.dtype, step: int, compiled: bool = False):
-    """One ε̂ call at ``step`` as sampling makes it: the fast path where the code has one (with
-    the run's steps prepared where it takes them, as the eager path of sampling does), else forward."""
+def noise_generator(device: torch.device) -> torch.Generator:
+    """Seed 0 as the code samples: a CPU generator where its noise moves to the device
+    (``ofer.diffusion.noise.seeded_generator``), else one on the device (older code)."""
+    try:
+        from ofer.diffusion.noise import seeded_generator
+    except ImportError:
+        return torch.Generator(device).manual_seed(0)
+    return seeded_generator(0)
+
+
+def network_call(stage, context: torch.Tensor, dtype: torch.dtype, step: int, compiled: bool, cuda_graph: bool):
+    """One ε̂ call at ``step`` as sampling makes it, as a function of x, and the seconds a capture
+    took: the CUDA-graph step where asked for and the code has one (``static_eps``, replayed),
+    else the fast path where the code has one (with the run's steps prepared where it takes them,
+    as the eager path of sampling does), else forward. Called with the step as an int where the
+    code takes it so (``at_step``), as its samplers do."""
+    net = stage.net
     if not hasattr(net, "sampler"):
-        return lambda x, t: net(x, t, context)
+        t = torch.full((context.shape[0],), step, device=context.device)
+        return (lambda x: net(x, t, context)), 0.0
+    if cuda_graph and hasattr(stage, "static_eps"):
+        start = time.perf_counter()
+        static = stage.static_eps(context, dtype)
+        return (lambda x: static.at_step(x, step)), time.perf_counter() - start
     if compiled:
-        return net.sampler(context, dtype, compiled)
-    if "timesteps" in inspect.signature(net.sampler).parameters:
-        return net.sampler(context, dtype, timesteps=[step])
-    return net.sampler(context, dtype)
+        eps = net.sampler(context, dtype, compiled)
+    elif "timesteps" in inspect.signature(net.sampler).parameters:
+        eps = net.sampler(context, dtype, timesteps=[step])
+    else:
+        eps = net.sampler(context, dtype)
+    if hasattr(eps, "at_step"):
+        return (lambda x: eps.at_step(x, step)), 0.0
+    t = torch.full((context.shape[0],), step, device=context.device)
+    return (lambda x: eps(x, t)), 0.0
 
 
 def compare(args: argparse.Namespace) -> None:
@@ -108,14 +135,16 @@ def compare(args: argparse.Namespace) -> None:
     codes = {"today": REPO / "src", "old": Path(args.compare) / "src"}
     child = [sys.executable, __file__, "--json", "--only", label, "--num-shapes", str(args.num_shapes),
              "--num-expressions", str(args.num_expressions), "--images", str(args.images), "--repeats", "1"]
-    child += ["--device", args.device, "--dtype", args.dtype]
+    child += ["--device", args.device, "--dtype", args.dtype, "--front", str(args.front)]
     # older code without these options runs as it is (float32, eager)
     child += (["--compile"] if args.compile else []) + (["--cuda-graph"] if args.cuda_graph else [])
+    child += ["--tiny-encoders"] if args.tiny_encoders else []
     results: dict[str, list[dict]] = {name: [] for name in codes}
     for r in range(args.repeats):
         for name, src in codes.items():
             env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(src), os.environ.get("PYTHONPATH")])))
-            out = subprocess.run(child, env=env, check=True, capture_output=True, text=True).stdout
+            # the child's stderr goes to ours, so that a failing child's traceback reaches the log
+            out = subprocess.run(child, env=env, check=True, stdout=subprocess.PIPE, text=True).stdout
             results[name].append(json.loads(out.strip().splitlines()[-1]))
             print(f"round {r + 1}, {name} ({src}): {results[name][-1]}", flush=True)
     best = {name: min(runs, key=lambda run: run["s_per_image"]) for name, runs in results.items()}
@@ -125,7 +154,10 @@ def compare(args: argparse.Namespace) -> None:
     for name, run in best.items():
         print(f"| {name} | {run['s_per_image']:.2f} | {run['id_call_ms']:.1f} | {run['exp_call_ms']:.1f} | "
               f"{run['peak_mb']:.0f} |")
-    print(f"\nold / today: {best['old']['s_per_image'] / best['today']['s_per_image']:.2f}x s per image")
+    ratio = best["old"]["s_per_image"] / best["today"]["s_per_image"]
+    print(f"\nold / today: {ratio:.2f}x s per image")
+    if args.json:
+        print(json.dumps({"today": best["today"], "old": best["old"], "old_over_today": round(ratio, 3)}))
 
 
 def main() -> None:
@@ -143,7 +175,7 @@ def main() -> None:
     p.add_argument("--compare", metavar="OLD_CHECKOUT", help="compare with another checkout (see above)")
     p.add_argument("--repeats", type=int, default=2,
                    help="rounds over the settings, best of them per setting (with --compare: turns of each code)")
-    p.add_argument("--json", action="store_true", help="end with one JSON line of the last setting's figures")
+    p.add_argument("--json", action="store_true", help="end with one JSON line of the figures (with --compare: both codes')")
     args = p.parse_args()
     if args.compare:
         compare(args)
@@ -159,38 +191,50 @@ def main() -> None:
 
     dtype = getattr(torch, args.dtype)
     with torch.no_grad():
-        calls = {}
-        for name, net, rows in (("IdGen", pipe.idgen.net, b * args.num_shapes),
-                                ("ExpGen", pipe.expgen.net, b * args.num_expressions)):
-            eps = network_call(net, torch.randn(rows, net.context_dim, device=device), dtype, 500, args.compile)
-            x, t = torch.randn(rows, net.flame_dim, device=device), torch.full((rows,), 500, device=device)
-            calls[name] = time_call(lambda eps=eps, x=x, t=t: eps(x, t), device)
-    print(f"one IdGen call (batch {b * args.num_shapes}): {1000 * calls['IdGen']:.1f} ms; "
-          f"one ExpGen call (batch {b * args.num_expressions}): {1000 * calls['ExpGen']:.1f} ms")
+        calls, captures = {}, {}
+        for name, stage, rows in (("IdGen", pipe.idgen, b * args.num_shapes),
+                                  ("ExpGen", pipe.expgen, b * args.num_expressions)):
+            context = torch.randn(rows, stage.net.context_dim, device=device)
+            eps, captures[name] = network_call(stage, context, dtype, 500, args.compile, args.cuda_graph)
+            x = torch.randn(rows, stage.net.flame_dim, device=device)
+            calls[name] = time_call(lambda eps=eps, x=x: eps(x), device)
+    how = "eager"
+    if args.cuda_graph and hasattr(pipe.idgen, "static_eps"):
+        how = "CUDA-graph replay" if device.type == "cuda" else "static buffers"
+    print(f"one IdGen call (batch {b * args.num_shapes}, {how}): {1000 * calls['IdGen']:.2f} ms; "
+          f"one ExpGen call (batch {b * args.num_expressions}): {1000 * calls['ExpGen']:.2f} ms"
+          + (f"; captures {captures['IdGen']:.2f} s and {captures['ExpGen']:.2f} s" if how != "eager" else ""),
+          flush=True)
 
     # Warm-up with 2 steps of each solver the chosen settings use (diffusers' import included);
     # ddim stands for the samplers without a step count (the network path is the same).
     chosen = [row for row in SETTINGS if not args.only or row[0] in args.only]
     for warm in sorted({s if s in ("dpmpp_2m", "unipc") else "ddim" for row in chosen for s in (row[1], row[3])}):
         pipe.test.sampling, pipe.test.steps, pipe.test.exp_sampling, pipe.test.exp_steps = warm, 2, warm, 2
-        pipe(image, arcface, torch.Generator(device).manual_seed(0))
+        pipe(image, arcface, noise_generator(device))
     # Rounds over all chosen settings, best per setting: a machine whose speed drifts during
     # the run affects every setting alike instead of the late ones.
     best: dict[str, float] = {}
+    peaks: dict[str, float] = {}
     for _ in range(args.repeats):
         for label, s_id, n_id, s_exp, n_exp in chosen:
             pipe.test.sampling, pipe.test.steps, pipe.test.exp_sampling, pipe.test.exp_steps = s_id, n_id, s_exp, n_exp
-            generator = torch.Generator(device).manual_seed(0)
+            generator = noise_generator(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
             seconds = elapsed(lambda generator=generator: pipe(image, arcface, generator), device)
             best[label] = min(best.get(label, float("inf")), seconds)
-    print("\n| setting | s per image | images/s |\n|---|---|---|")
+            peaks[label] = max(peaks.get(label, 0.0), peak_memory_mb(device))
+            print(f"  {label}: {seconds / b:.3f} s per image", flush=True)
+    memory = "GPU allocated" if device.type == "cuda" else "process RSS, whole run"
+    print(f"\n| setting | s per image | images/s | peak memory MB ({memory}) |\n|---|---|---|---|")
     for label, seconds in best.items():
-        print(f"| {label} | {seconds / b:.2f} | {b / seconds:.3f} |")
-    peak = peak_memory_mb(device)
-    print(f"\npeak memory: {peak:.0f} MB ({'GPU allocated' if device.type == 'cuda' else 'process RSS'})")
+        print(f"| {label} | {seconds / b:.3f} | {b / seconds:.2f} | {peaks[label]:.0f} |")
     if args.json:
-        print(json.dumps({"s_per_image": round(seconds / b, 3), "id_call_ms": round(1000 * calls["IdGen"], 2),
-                          "exp_call_ms": round(1000 * calls["ExpGen"], 2), "peak_mb": round(peak)}))
+        print(json.dumps({"s_per_image": round(seconds / b, 4), "id_call_ms": round(1000 * calls["IdGen"], 3),
+                          "exp_call_ms": round(1000 * calls["ExpGen"], 3), "peak_mb": round(peaks[label]),
+                          "settings": {k: round(v / b, 4) for k, v in best.items()}, "images": b,
+                          "capture_s": round(captures["IdGen"] + captures["ExpGen"], 3)}))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from ofer.diffusion import Denoiser, NoiseSchedule, diffusion_loss, sample
 from ofer.diffusion.denoiser import (
@@ -317,6 +319,54 @@ def test_bfloat16_sampler_is_close_to_float32() -> None:
     assert low.dtype == torch.float32 and torch.isfinite(low).all()
     assert not torch.equal(low, exact)  # it did run in bfloat16
     assert (low - exact).abs().max() < 0.05 * exact.abs().max()
+
+
+class OpRecorder(TorchDispatchMode):
+    """Records (operator, input tensors) of every operator run inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[tuple[object, list[torch.Tensor]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append((func.overloadpacket, [a for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]))
+        return func(*args, **(kwargs or {}))
+
+
+def test_bfloat16_runs_the_products_in_bfloat16_and_the_norms_and_softmax_in_float32() -> None:
+    """Which operators see which dtype at one sampling call, the same on every device (explicit
+    casts, not autocast's per-device lists); ε̂ is float32. (The time half of the modulations,
+    one row per step, stays float32: prepared here, as on the eager path.)"""
+    model = Denoiser(**FAST_CASES[0]).eval()
+    low = model.sampler(torch.randn(20, 16), torch.bfloat16, timesteps=[300])
+    with OpRecorder() as record:
+        out = low.at_step(torch.randn(20, 12), 300)
+    assert out.dtype == torch.float32
+    dtypes: dict[str, set[torch.dtype]] = {}
+    for op, inputs in record.ops:
+        dtypes.setdefault(op.__name__, set()).update(t.dtype for t in inputs if t.is_floating_point())
+    for product in ("addmm", "mm", "bmm", "baddbmm", "mv"):
+        assert dtypes.get(product, {torch.bfloat16}) == {torch.bfloat16}, product
+    assert {"addmm", "bmm", "baddbmm"} <= dtypes.keys()
+    for norm in ("native_layer_norm", "_softmax", "linalg_vector_norm"):
+        assert dtypes[norm] == {torch.float32}, norm
+
+
+def test_bfloat16_weights_are_cast_once_per_sampler_not_per_call() -> None:
+    """No conversion inside a call takes a weight: the products' weights were cast when the
+    sampler was built (autocast without its cache recast every weight in every call)."""
+    model = Denoiser(**FAST_CASES[0]).eval()
+    low = model.sampler(torch.randn(20, 16), torch.bfloat16)
+    weights = {p.data_ptr() for p in [*model.parameters(), *low.walk.parameters()]}
+    weights |= {w.data_ptr() for pair in low.attentions for w in pair}
+    x = torch.randn(20, 12)
+    with OpRecorder() as record:
+        low.at_step(x, 300)
+    casts = [inputs[0] for op, inputs in record.ops if op in (torch.ops.aten._to_copy, torch.ops.aten.copy_)]
+    assert casts  # the activations are cast, each in the call
+    assert not [t for t in casts if t.data_ptr() in weights]
+    assert {p.dtype for p in low.walk.init_conv.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # the network itself is untouched
 
 
 def test_compiled_fast_path_equals_the_eager_one() -> None:

@@ -56,3 +56,94 @@ def test_training_refuses_a_bad_device_before_writing(tmp_path, caplog):
     assert code.value.code == 2
     assert "train.device 'gpu': not a device; use cpu, cuda, cuda:N or auto" in caplog.text
     assert not out.exists()
+
+
+def test_each_rank_makes_its_gpu_the_current_device(monkeypatch):
+    """test.py under torchrun (and --device cuda:N): the rank's GPU becomes the current CUDA device."""
+    from ofer.inference.ranks import Ranks
+
+    current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    assert Ranks(3, 4, 3).device("auto") == torch.device("cuda", 1)
+    assert Ranks().device("cuda:1") == torch.device("cuda", 1)
+    assert Ranks().device("cuda") == torch.device("cuda") and Ranks(1, 2, 1).device("cpu") == torch.device("cpu")
+    assert current == [torch.device("cuda", 1), torch.device("cuda", 1)]
+
+
+def test_training_ranks_set_their_gpu_before_joining_the_nccl_group(monkeypatch):
+    """NCCL binds a rank to the current device when the group is made: set it first."""
+    from ofer.train import trainer
+
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: calls.append(("set_device", index)))
+    monkeypatch.setattr(trainer.dist, "init_process_group", lambda backend: calls.append(("group", backend)))
+    monkeypatch.setattr(trainer.dist, "get_rank", lambda: 1)
+    place = trainer.setup_distributed("cuda")
+    assert calls == [("set_device", 1), ("group", "nccl")]
+    assert place.device == torch.device("cuda", 1) and place.world_size == 2
+
+
+class FakeCuda:
+    """Records which CUDA device is current when StaticEps warms up, captures and replays (a CPU
+    stand-in for torch.cuda: the step itself runs on CPU tensors)."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.current, self.seen = 0, []
+        fake = self
+
+        class Device:
+            def __init__(self, device) -> None:
+                self.index = torch.device(device).index
+
+            def __enter__(self) -> None:
+                self.before, fake.current = fake.current, self.index
+
+            def __exit__(self, *exc) -> None:
+                fake.current = self.before
+
+        class Stream:
+            def __init__(self, *args) -> None:
+                fake.seen.append(("stream", fake.current))
+
+            def wait_stream(self, other) -> None:
+                pass
+
+        class Graph:
+            def replay(self) -> None:
+                fake.seen.append(("replay", fake.current))
+
+        class Capture:  # torch.cuda.graph(g) and torch.cuda.stream(s)
+            def __init__(self, what) -> None:
+                fake.seen.append((type(what).__name__, fake.current))
+
+            def __enter__(self) -> None:
+                pass
+
+            def __exit__(self, *exc) -> None:
+                pass
+
+        zeros = torch.zeros
+        monkeypatch.setattr(torch, "zeros", lambda *shape, device=None, **kw: zeros(*shape, **kw))  # buffers on CPU
+        for name, value in (("device", Device), ("Stream", Stream), ("current_stream", lambda *a: Stream()),
+                            ("stream", Capture), ("CUDAGraph", Graph), ("graph", Capture)):
+            monkeypatch.setattr(torch.cuda, name, value)
+
+
+def test_capture_and_replay_run_on_the_step_device_not_the_current_one(monkeypatch):
+    """--device cuda:1 (or a rank's GPU) while cuda:0 is current: warm-up streams, capture and
+    replay all happen with cuda:1 current."""
+    from ofer.diffusion.denoiser import StaticEps
+
+    fake = FakeCuda(monkeypatch)
+    calls = []
+    static = StaticEps(lambda x, t: calls.append(t.clone()) or x * 2.0, (2, 3), torch.device("cuda", 1), cuda_graph=True)
+    static.at_step(torch.ones(2, 3), 4)
+    assert static.graph is not None and len(calls) == 4  # 3 warm-ups and the capture
+    assert fake.seen and {device for _, device in fake.seen} == {1}, fake.seen
+    assert fake.current == 0

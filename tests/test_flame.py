@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 import torch
-import trimesh
 from scipy.spatial.transform import Rotation
 
 from ofer.flame import FLAME, front_face_indices, load_flame_model, load_landmark_embedding
@@ -246,6 +245,8 @@ def test_cuda_matches_cpu(assets):
 
 
 def test_front_face_rule_on_a_sphere():
+    import trimesh  # here, not at module level: the gpu tests of this file need only torch
+
     sphere = trimesh.creation.icosphere(subdivisions=3, radius=0.1)
     vertices, faces = np.asarray(sphere.vertices), np.asarray(sphere.faces)
     # a large box keeps every vertex; the normal test then keeps exactly the forward-facing half

@@ -197,6 +197,7 @@ def test_ranks_take_every_kth_image_and_share_the_gpus_of_their_node(monkeypatch
     assert [Ranks(r, 3, r).shard(list("abcdefg")) for r in range(3)] == [list("adg"), list("be"), list("cf")]
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)
     monkeypatch.setattr("torch.cuda.device_count", lambda: 2)
+    monkeypatch.setattr("torch.cuda.set_device", lambda device: None)  # tests/test_device.py checks it
     assert [str(Ranks(r, 4, r).device("auto")) for r in range(4)] == ["cuda:0", "cuda:1", "cuda:0", "cuda:1"]
     assert str(Ranks(1, 2, 1).device("cuda:0")) == "cuda:0" and str(Ranks(1, 2, 1).device("cpu")) == "cpu"
     assert str(Ranks().device("cuda")) == "cuda"  # one process: the current GPU, as before

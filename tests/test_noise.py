@@ -35,3 +35,20 @@ def test_batched_sampling_equals_single_image_sampling():
     for i, seed in enumerate((7, 8, 9)):
         single = sample(eps_fn_for(context[i : i + 1]), schedule, (2, 2), "ddpm", generator=_gens(seed))
         assert torch.allclose(batched[2 * i : 2 * i + 2], single, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_a_cpu_seed_samples_the_same_on_the_gpu():
+    """Noise from CPU generators moves to the GPU: one seed, the same samples (float rounding aside)."""
+    from ofer.diffusion import Denoiser
+    from ofer.diffusion.noise import seeded_generator
+
+    torch.manual_seed(0)
+    net = Denoiser(12, 16, [12, 8, 4]).eval()
+    context = torch.randn(6, 16)
+    runs = []
+    for device in (torch.device("cpu"), torch.device("cuda")):
+        fast = net.to(device).sampler(context.to(device))
+        runs.append(sample(fast, NoiseSchedule(50).to(device), (6, 12), "ddpm",
+                           generator=[seeded_generator(3), seeded_generator(4)], device=device).cpu())
+    torch.testing.assert_close(runs[1], runs[0], rtol=1e-4, atol=1e-4)

@@ -112,6 +112,30 @@ def test_cuda_graph_option_runs_the_static_path_with_the_same_result(flame) -> N
     torch.testing.assert_close(static.expression_mm, eager.expression_mm, rtol=1e-5, atol=1e-4)
 
 
+def test_static_steps_are_made_once_per_rows_and_dtype_and_take_each_new_context() -> None:
+    """test.cuda_graph: the step (a CUDA graph on a GPU) is kept per (rows, dtype, device) and
+    a new context is copied into it, sampling what a fresh eager sampler samples; changing a
+    weight in place makes it again."""
+    torch.manual_seed(0)
+    stage = DiffusionStage(stage_config("arcface", 10, 512, [10, 6], "model.n_shape=10"), load_weights=False).eval()
+    contexts = torch.randn(2, 2, 512)
+
+    def run(context: torch.Tensor, cuda_graph: bool) -> torch.Tensor:
+        return stage.sample(context, 3, "ddim", 4, generator=torch.Generator().manual_seed(1), cuda_graph=cuda_graph)
+
+    kept = []
+    for context in contexts:
+        torch.testing.assert_close(run(context, True), run(context, False), rtol=1e-5, atol=1e-6)
+        kept.append(stage.static_steps[(6, torch.float32, CPU)][2])
+    assert kept[0] is kept[1] and len(stage.static_steps) == 1
+    stage.sample(contexts[0, :1], 3, "ddim", 4, cuda_graph=True)  # 3 rows: a step of its own
+    assert len(stage.static_steps) == 2
+    with torch.no_grad():
+        stage.net.init_conv.weight.mul_(2.0)
+    torch.testing.assert_close(run(contexts[1], True), run(contexts[1], False), rtol=1e-5, atol=1e-6)
+    assert stage.static_steps[(6, torch.float32, CPU)][2] is not kept[0]
+
+
 def test_bfloat16_option_runs_and_stays_near_float32(flame) -> None:
     image, arcface = inputs(1)
     exact = build(flame)(image, arcface, torch.Generator().manual_seed(3))[0]

@@ -73,7 +73,7 @@ def test_diffusers_linear_schedule_is_ours(schedule: NoiseSchedule) -> None:
     assert torch.equal(linear.betas, schedule.betas)
     assert torch.equal(linear.alphas_cumprod, schedule.alphas_cumprod)
     for sampler in SOLVERS:
-        assert torch.equal(solver_scheduler(sampler, schedule, 10, torch.device("cpu")).alphas_cumprod,
+        assert torch.equal(solver_scheduler(sampler, schedule, 10).alphas_cumprod,
                            schedule.alphas_cumprod)
 
 

@@ -16,20 +16,32 @@ sampling run: it walks the same U-Net with what stays fixed during the run compu
 from the module's own weights (the stacked attention projections, packed for oneDNN's matrix
 product on a CPU, and the context half of every ResnetBlock's modulation) and the time half
 once per step for all rows.
+With a bfloat16 ``dtype`` the sampler's products (the 1×1 convolutions, linear layers, stacked
+projections and the attention's batched products) run in bfloat16 on weights cast once per
+sampler, while the norms (GroupNorm, RMSNorm), the softmax, the modulations and the residual
+sums stay float32, and ε̂ is float32: explicit casts, the same on every device, instead of
+autocast (whose op lists differ between CPU and CUDA and which, uncached, recasts every weight
+per call). Samplers call ``at_step(x, step)`` with the step as a Python int, so that no call
+reads a tensor back from the device.
 ``StaticEps`` runs that step over static buffers, so that it can be captured as a CUDA graph.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import itertools
+import logging
 import math
 import re
+import time
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 TIME_DIM = 512  # size of the sinusoidal time embedding and of time_mlp
 ATTN_HEADS = 4
@@ -90,16 +102,27 @@ def pack_projection(weight: torch.Tensor, batch: int) -> torch.Tensor:
         return weight
 
 
+def like_weight(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x in the dtype of a low-precision weight (a bfloat16 sampler's), so that the product runs
+    in it; with a float32 weight x is left as it is (float32, or what training's autocast made it)."""
+    return x if weight.dtype == torch.float32 or x.dtype == weight.dtype else x.to(weight.dtype)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear in the weight's dtype (``like_weight``); the output stays in it."""
+    return F.linear(like_weight(x, weight), weight, bias)
+
+
 def project(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x (B, dim) @ weightᵀ -> (B, out); a weight from ``pack_projection`` runs through oneDNN."""
     if weight.is_mkldnn:
         return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
-    return F.linear(x, weight)
+    return linear(x, weight)
 
 
 def pointwise(conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
     """A 1×1 convolution applied to length-1 features as a matrix product: (B, C_in) -> (B, C_out)."""
-    return F.linear(x, conv.weight.squeeze(2), conv.bias)  # a view: no copy in backward
+    return linear(x, conv.weight.squeeze(2), conv.bias)  # a view: no copy in backward
 
 
 class Block(nn.Module):
@@ -115,8 +138,8 @@ class Block(nn.Module):
     ) -> torch.Tensor:
         """x (B, dim) -> (B, dim_out); ``gain_shift`` = (scale + 1, shift), each (B, dim_out)."""
         x = pointwise(self.proj, x)  # (B, C)
-        # GroupNorm with one group over a length-1 feature normalises over the C channels.
-        x = F.layer_norm(x, x.shape[1:], self.norm.weight, self.norm.bias, self.norm.eps)
+        # GroupNorm with one group over a length-1 feature normalises over the C channels (in float32).
+        x = F.layer_norm(x.float(), x.shape[1:], self.norm.weight, self.norm.bias, self.norm.eps)
         if gain_shift is not None:
             gain, shift = gain_shift
             x = torch.addcmul(shift, x, gain)  # x·(scale + 1) + shift
@@ -156,7 +179,7 @@ class RMSNorm(nn.Module):
         self.scale = dim**0.5
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(x, dim=1) * (self.g.squeeze(2) * self.scale)
+        return F.normalize(x.float(), dim=1) * (self.g.squeeze(2) * self.scale)  # in float32
 
 
 class PreNorm(nn.Module):
@@ -232,12 +255,13 @@ class Attention(nn.Module):
         # for 16 keys): attn_t[j, i] = softmax over j of q_i·k_j/√d, the scale applied inside
         # the product (alpha; beta=0 ignores the zero it is given as input).
         scores_t = torch.baddbmm(k.new_zeros(()), k, q.transpose(1, 2), beta=0, alpha=dim_head**-0.5)
-        attn_t = scores_t.softmax(dim=1)  # (B·h, n_k, n_q)
+        attn_t = scores_t.float().softmax(dim=1)  # (B·h, n_k, n_q), in float32
         # to_out_linear first: Σ_i w_i·(attn @ v)_i = (w @ attn) @ v, one token per head.
-        mixed = torch.matmul(attn_t, self.to_out_linear.weight.view(n))  # (B·h, n_k) = w @ attn
+        w = self.to_out_linear.weight.view(n)
+        mixed = torch.matmul(like_weight(attn_t, w), w)  # (B·h, n_k) = w @ attn
         out = torch.bmm(mixed.unsqueeze(1), v)  # (B·h, 1, d)
         # then to_out, head-major as it expects; its bias was carried through in `bias`
-        return F.linear(out.view(batch, heads * dim_head), self.to_out.weight.squeeze(2), bias)  # (B, dim)
+        return linear(out.view(batch, heads * dim_head), self.to_out.weight.squeeze(2), bias)  # (B, dim)
 
 
 def attention_block(dim: int, numqkv: int) -> Residual:
@@ -254,7 +278,7 @@ class Resample(nn.Sequential):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The three layers as functions (one module call instead of four)."""
         first, _, second = self
-        return F.linear(F.silu(F.linear(x, first.weight, first.bias)), second.weight, second.bias)
+        return linear(F.silu(linear(x, first.weight, first.bias)), second.weight, second.bias)
 
 
 class Denoiser(nn.Module):
@@ -405,11 +429,28 @@ class Denoiser(nn.Module):
             )
 
 
-def step_time(t: torch.Tensor) -> torch.Tensor:
-    """The one step t (1,) of a (B,) batch of steps; every row must be at the same step."""
+def step_of(t: torch.Tensor) -> int:
+    """The one step of a (B,) batch of steps, read back to the host (a sync on a GPU): for callers
+    that hold the steps as a tensor. Samplers pass the step as an int (``at_step``) instead."""
     if t.ndim != 1 or not bool((t == t[0]).all()):
         raise ValueError(f"DenoiserSampler: all rows must be at the same step, got steps {sorted(set(t.tolist()))}")
-    return t[:1]
+    return int(t[0])
+
+
+def product_copy(net: Denoiser, dtype: torch.dtype) -> Denoiser:
+    """``net`` for a sampler's U-Net walk in ``dtype``: its 1×1 convolutions and linear layers
+    hold their weights and biases in ``dtype``, cast here once; the norms' parameters stay
+    float32. The parameters a sampler takes from ``net`` itself instead (attention projections,
+    time_mlp, the ResnetBlocks' mlp) are shared with it, not copied."""
+    shared = [*net.time_mlp.parameters()]
+    shared += [p for attention in net.attentions() for p in attention.to_qkv.parameters()]
+    shared += [p for block in net.resnet_blocks() for p in block.mlp.parameters()]
+    low = copy.deepcopy(net, {id(p): p for p in shared})
+    kept = {id(p) for p in shared}
+    for module in low.modules():
+        if isinstance(module, (nn.Linear, nn.Conv1d)) and id(module.weight) not in kept:
+            module.to(dtype)
+    return low
 
 
 class DenoiserSampler:
@@ -419,12 +460,13 @@ class DenoiserSampler:
     in sampling. Built once per run from the network's own weights, it holds every
     Attention's ``prepare()`` and the context half of every ResnetBlock modulation:
     mlp([τ, c]) = W_τ·SiLU(τ) + W_c·SiLU(c) + b (SiLU is elementwise), so W_c·SiLU(c) + b
-    (with the modulation's offset) is computed here, and W_τ·SiLU(τ) once per step for all
-    rows. With ``dtype`` bfloat16 the network runs under autocast with the projections
-    stored in that dtype; ε̂ is float32. With ``compiled`` each call runs ``eps`` as compiled
-    by torch.compile (``compiled_eps``). Given the run's ``timesteps`` (the steps the sampler
-    will call it at; eager path only), the time half of those steps is computed here too, in
-    one product, and calls at other steps are refused.
+    (with the modulation's offset) is computed here (``set_context`` replaces it in place),
+    and W_τ·SiLU(τ) once per step for all rows, in float32. With ``dtype`` bfloat16 the
+    products run in bfloat16 on weights cast here once (``product_copy``, the stacked
+    projections), the norms and the softmax in float32; ε̂ is float32. With ``compiled`` each
+    call runs ``eps`` as compiled by torch.compile (``compiled_eps``). Given the run's
+    ``timesteps`` (the steps the sampler will call it at; eager path only), the time half of
+    those steps is computed here too, in one product, and calls at other steps are refused.
     """
 
     def __init__(
@@ -438,63 +480,74 @@ class DenoiserSampler:
         if compiled and timesteps:
             raise ValueError("DenoiserSampler: timesteps are prepared for the eager path only, not with compiled")
         self.net, self.dtype, self.compiled = net, dtype, compiled
+        self.walk = net if dtype == torch.float32 else product_copy(net, dtype)  # the U-Net the calls walk
         blocks = net.resnet_blocks()
         linears = [block.mlp[1] for block in blocks]
         self.sizes = [linear.out_features for linear in linears]
         with torch.no_grad():
             # each mlp weight is (2·dim_out, 512 + C): its time columns, then its context columns
-            self.time_weight = torch.cat([linear.weight[:, :TIME_DIM] for linear in linears]).to(dtype)  # (S, 512)
-            context_weight = torch.cat([linear.weight[:, TIME_DIM:] for linear in linears])  # (S, C), freed below
-            bias = torch.cat([block.modulation(linear.bias) for block, linear in zip(blocks, linears)])  # (S,)
-            self.context_part = F.linear(F.silu(context), context_weight, bias)  # (B, S)
-            del context_weight
+            self.time_weight = torch.cat([linear.weight[:, :TIME_DIM] for linear in linears])  # (S, 512)
+            self.context_weight = torch.cat([linear.weight[:, TIME_DIM:] for linear in linears])  # (S, C)
+            self.bias = torch.cat([block.modulation(linear.bias) for block, linear in zip(blocks, linears)])  # (S,)
+            self.context_part = F.linear(F.silu(context), self.context_weight, self.bias)  # (B, S)
             # inductor cannot take a packed (oneDNN) weight as an input: the compiled path keeps F.linear's
             self.attentions = [
-                (stacked.to(dtype) if compiled else pack_projection(stacked.to(dtype), context.shape[0]), out_bias)
+                (stacked.to(dtype) if compiled else pack_projection(stacked.to(dtype), context.shape[0]),
+                 out_bias.to(dtype))
                 for stacked, out_bias in (attention.prepare() for attention in net.attentions())
             ]
             steps = sorted(set(timesteps))
-            with self.autocast(context.device):
+            if steps:
                 table = self.time_part(torch.tensor(steps, dtype=torch.long, device=context.device))  # (K, S)
         self.time_parts = {t: table[i : i + 1] for i, t in enumerate(steps)}  # step -> (1, S)
         if self.time_parts:  # prepared for its steps: the time weights are no longer needed
             self.time_weight = None
 
-    def autocast(self, device: torch.device) -> torch.autocast:
-        """Autocast to the sampler's dtype (off for float32)."""
-        return torch.autocast(device.type, self.dtype, enabled=self.dtype != torch.float32, cache_enabled=False)
+    def set_context(self, context: torch.Tensor) -> None:
+        """Sample with another context of the same shape: its half of the modulations is
+        written into the tensor the calls read (and a captured CUDA graph replays)."""
+        if context.shape != (self.context_part.shape[0], self.context_weight.shape[1]):
+            raise ValueError(f"DenoiserSampler: context {tuple(context.shape)} must be "
+                             f"{(self.context_part.shape[0], self.context_weight.shape[1])}")
+        with torch.no_grad():
+            self.context_part.copy_(F.linear(F.silu(context), self.context_weight, self.bias))
 
     def time_part(self, t: torch.Tensor) -> torch.Tensor:
-        """The time half of the modulation, W_τ·SiLU(τ(t)): t (K,) steps -> (K, S)."""
+        """The time half of the modulation, W_τ·SiLU(τ(t)): t (K,) steps -> (K, S), float32."""
         return F.linear(F.silu(self.net.time_mlp(t)), self.time_weight)
 
     def eps(self, x: torch.Tensor, t: torch.Tensor, time_part: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, D), t (1,) the step of every row -> ε̂ (B, D) float32; ``time_part``: that
         step's ``time_part`` (1, S) if computed beforehand. No host sync, no Python branch on
-        values: capturable as a CUDA graph."""
-        with torch.no_grad(), self.autocast(x.device):
+        values, every tensor made on x's device: capturable as a CUDA graph."""
+        with torch.no_grad():
             if time_part is None:
                 time_part = self.time_part(t)  # (1, S), shared by all rows
             modulation = self.context_part + time_part  # (B, S)
-            out = self.net.unet(x, modulation.split(self.sizes, dim=1), self.attentions)
+            out = self.walk.unet(x, modulation.split(self.sizes, dim=1), self.attentions)
         return out.float()
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """x (B, D), t (B,) with one value -> ε̂ (B, D): the samplers' eps_fn."""
-        if x.shape[0] != self.context_part.shape[0] or x.shape[0] != t.shape[0]:
-            raise ValueError(
-                f"DenoiserSampler: x {tuple(x.shape)} and t {tuple(t.shape)} must have "
-                f"{self.context_part.shape[0]} rows (the context's)"
-            )
-        step = step_time(t)
+    def at_step(self, x: torch.Tensor, step: int) -> torch.Tensor:
+        """x (B, D), every row at ``step`` -> ε̂ (B, D): the samplers' call. The step comes as a
+        Python int, so nothing is read back from the device."""
+        if x.shape[0] != self.context_part.shape[0]:
+            raise ValueError(f"DenoiserSampler: x {tuple(x.shape)} must have {self.context_part.shape[0]} rows "
+                             "(the context's)")
         if not self.time_parts:
-            return self.step(x, step)
-        if int(step) not in self.time_parts:
+            return self.step(x, torch.full((1,), step, dtype=torch.long, device=x.device))
+        if step not in self.time_parts:
             raise ValueError(
                 f"DenoiserSampler: prepared for steps {min(self.time_parts)}…{max(self.time_parts)} "
-                f"({len(self.time_parts)} steps), called at step {int(step)}"
+                f"({len(self.time_parts)} steps), called at step {step}"
             )
-        return self.eps(x, step, self.time_parts[int(step)])
+        return self.eps(x, None, self.time_parts[step])
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x (B, D), t (B,) with one value -> ε̂ (B, D), for callers holding the steps as a
+        tensor (``step_of`` reads it back)."""
+        if x.shape[0] != t.shape[0]:
+            raise ValueError(f"DenoiserSampler: x {tuple(x.shape)} and t {tuple(t.shape)} must have as many rows")
+        return self.at_step(x, step_of(t))
 
     def step(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """``eps`` (x (B, D), t (1,)), compiled when the sampler was built with ``compiled``
@@ -519,7 +572,9 @@ class StaticEps:
     Each call copies x and the step into the buffers and returns a copy of the output. On
     CUDA with ``cuda_graph`` the step is captured once as a CUDA graph and replayed (one
     launch per network call instead of hundreds); elsewhere it runs eagerly on the buffers,
-    the same code path.
+    the same code path. Warm-up, capture and replay run with ``device`` as the current CUDA
+    device, whichever device is current outside. ``capture_seconds``: what the warm-up and
+    capture took (0 without a graph).
     """
 
     def __init__(
@@ -529,25 +584,46 @@ class StaticEps:
         device: torch.device,
         cuda_graph: bool = False,
     ) -> None:
-        self.step = step
+        self.step, self.device = step, torch.device(device)
         self.x = torch.zeros(shape, device=device)
         self.t = torch.zeros(1, dtype=torch.long, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
-        if cuda_graph and torch.device(device).type == "cuda":
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):  # warm-up before capture, as PyTorch prescribes
-                for _ in range(3):
-                    step(self.x, self.t)
-            torch.cuda.current_stream(device).wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.out = step(self.x, self.t)
+        self.capture_seconds = 0.0
+        if cuda_graph and self.device.type == "cuda":
+            start = time.perf_counter()
+            with torch.cuda.device(self.device):
+                self.graph, self.out = capture(step, self.x, self.t)
+            self.capture_seconds = time.perf_counter() - start
+            log.info("denoiser step for %d rows captured as a CUDA graph on %s in %.2f s",
+                     shape[0], self.device, self.capture_seconds)
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def at_step(self, x: torch.Tensor, step: int) -> torch.Tensor:
+        """ε̂ (B, D) of x (B, D) at ``step`` (a Python int: no read-back)."""
         self.x.copy_(x)
-        self.t.copy_(step_time(t))
+        self.t.fill_(step)
         if self.graph is None:
             return self.step(self.x, self.t)
-        self.graph.replay()
+        with torch.cuda.device(self.device):
+            self.graph.replay()
         return self.out.clone()
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """For callers holding the steps as a (B,) tensor (``step_of`` reads it back)."""
+        return self.at_step(x, step_of(t))
+
+
+def capture(
+    step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor, t: torch.Tensor
+) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """``step(x, t)`` captured as a CUDA graph on the current device after three warm-up calls on
+    a side stream, as PyTorch prescribes; returns the graph and its output tensor."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step(x, t)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step(x, t)
+    return graph, out

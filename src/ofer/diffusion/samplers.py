@@ -3,8 +3,11 @@ the few-step solvers DPM-Solver++ and UniPC (``ofer.diffusion.solvers``).
 
 All samplers start from x_T ~ N(0, I) and call ``eps_fn(x (B, D), t (B,) long)`` once per
 visited step; the caller binds the conditioning (context repeated per sample), so N samples
-for each of B images are drawn in one batched call of shape (B·N, D). Every random draw
-uses ``generator``, so a seeded generator makes sampling reproducible.
+for each of B images are drawn in one batched call of shape (B·N, D). An eps_fn with an
+``at_step(x, step)`` method (``StepEps``: the denoiser's fast path, ``StaticEps``) is called
+there with the step as a Python int instead: the samplers know their steps, so nothing is
+read back from the device per call. Every random draw uses ``generator``, so a seeded
+generator makes sampling reproducible.
 
 - ``ddpm``: ancestral sampling over all T steps with the posterior variance
   σ_t² = β_t(1−ᾱ_{t−1})/(1−ᾱ_t) and no noise at t = 0.
@@ -23,15 +26,24 @@ uses ``generator``, so a seeded generator makes sampling reproducible.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol, runtime_checkable
 
 import torch
 
 from ofer.diffusion.noise import Generators, randn
 from ofer.diffusion.schedule import NoiseSchedule
-from ofer.diffusion.solvers import SOLVERS, solver_scheduler
+from ofer.diffusion.solvers import SOLVERS, solver_scheduler, solver_visits
 from ofer.progress import progress as progress_bar
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@runtime_checkable
+class StepEps(Protocol):
+    """A noise predictor that takes the one step of all rows as a Python int."""
+
+    def at_step(self, x: torch.Tensor, step: int) -> torch.Tensor: ...
+
 SAMPLERS = ("ddpm", "ddim", "ddim_legacy", *SOLVERS)
 FIXED_SEQUENCE = ("ddpm", "ddim_legacy")  # samplers whose network calls are fixed: no step count
 DEFAULT_DDIM_STEPS = 50
@@ -138,13 +150,16 @@ def network_steps(sampler: str, schedule: NoiseSchedule, steps: int | None = Non
     ``Denoiser.sampler`` to prepare them)."""
     _check_sampler(sampler)
     if sampler in SOLVERS:
-        return solver_scheduler(sampler, schedule, steps, schedule.betas.device).timesteps.tolist()
+        return solver_visits(solver_scheduler(sampler, schedule, steps))
     return [t for t, _ in _visits(sampler, schedule.num_steps, steps)]
 
 
-def _predict_noise(eps_fn: EpsFn, x: torch.Tensor, t: int) -> torch.Tensor:
+def _predict_noise(eps_fn: EpsFn | StepEps, x: torch.Tensor, t: int) -> torch.Tensor:
     """ε̂ = eps_fn(x, t) for every row of x at the one step t, shape-checked."""
-    eps = eps_fn(x, torch.full((x.shape[0],), t, dtype=torch.long, device=x.device))
+    if isinstance(eps_fn, StepEps):
+        eps = eps_fn.at_step(x, t)
+    else:
+        eps = eps_fn(x, torch.full((x.shape[0],), t, dtype=torch.long, device=x.device))
     if eps.shape != x.shape:
         raise ValueError(f"sample: eps_fn returned shape {tuple(eps.shape)}, expected {tuple(x.shape)}")
     return eps
@@ -154,15 +169,16 @@ def _solve(
     eps_fn: EpsFn, x: torch.Tensor, sampler: str, schedule: NoiseSchedule, steps: int | None, progress: bool
 ) -> torch.Tensor:
     """Run a diffusers multistep solver from x_T: one network call and one update per visit."""
-    scheduler = solver_scheduler(sampler, schedule, steps, x.device)
-    for t in progress_bar(scheduler.timesteps.tolist(), desc=sampler, disable=not progress):
+    scheduler = solver_scheduler(sampler, schedule, steps)
+    visits = solver_visits(scheduler)
+    for t in progress_bar(visits, desc=sampler, disable=not progress):
         x = scheduler.step(_predict_noise(eps_fn, x, t), t, x).prev_sample
     return x
 
 
 @torch.no_grad()
 def sample(
-    eps_fn: EpsFn,
+    eps_fn: EpsFn | StepEps,
     schedule: NoiseSchedule,
     shape: tuple[int, ...],
     sampler: str = "ddim",
@@ -175,7 +191,7 @@ def sample(
     """Draw x0 samples by running the reverse diffusion from x_T ~ N(0, I) (without autograd).
 
     Args:
-        eps_fn: noise predictor, (x (B, D), t (B,) long) -> ε̂ (B, D).
+        eps_fn: noise predictor, (x (B, D), t (B,) long) -> ε̂ (B, D), or a ``StepEps``.
         schedule: the noise schedule the model was trained with.
         shape: (B, D) output shape (B = images × samples per image).
         sampler: one of ``SAMPLERS``.
@@ -183,7 +199,8 @@ def sample(
             ``unipc`` (default 10); the other samplers have a fixed sequence.
         eta: DDIM stochasticity (``ddim`` only).
         generator: source of x_T and of the per-step noise, or one generator per image
-            (``ofer.diffusion.noise``); must live on ``device``.
+            (``ofer.diffusion.noise``); a generator draws on its own device, and what it
+            drew moves to ``device`` (a CPU generator gives the same noise on every device).
         device: where to sample; defaults to the schedule's device.
         progress: show a tqdm progress bar.
     Returns:

@@ -29,7 +29,7 @@ class NoiseSchedule(nn.Module):
     """Linear-β variance schedule with T = ``num_steps`` steps indexed 0…T−1.
 
     Buffers (float32, shape (T,)): ``betas`` β_t, ``alphas`` α_t = 1 − β_t,
-    ``alphas_cumprod`` ᾱ_t = ∏_{s≤t} α_s.
+    ``alphas_cumprod`` ᾱ_t = ∏_{s≤t} α_s; ``host_betas``: β as a NumPy array.
     """
 
     def __init__(self, num_steps: int = 1000, beta_1: float = 1e-4, beta_T: float = 1e-2) -> None:
@@ -47,6 +47,10 @@ class NoiseSchedule(nn.Module):
         self.register_buffer("betas", betas)
         self.register_buffer("alphas", alphas)
         self.register_buffer("alphas_cumprod", torch.cumprod(alphas, dim=0))
+        # β on the host for diffusers' solvers, so that no sampling run reads the buffer back from
+        # a GPU; kept equal to the buffer by a hook when a state dict is loaded
+        self.host_betas = betas.numpy().copy()
+        self.register_load_state_dict_post_hook(_keep_host_betas)
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Forward diffusion x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε.
@@ -64,6 +68,10 @@ class NoiseSchedule(nn.Module):
             )
         alpha_bar = _per_sample(self.alphas_cumprod[t], x0.dim())  # (B, 1, …)
         return alpha_bar.sqrt() * x0 + (1.0 - alpha_bar).sqrt() * noise
+
+
+def _keep_host_betas(schedule: NoiseSchedule, _incompatible: object) -> None:
+    schedule.host_betas = schedule.betas.detach().cpu().numpy()
 
 
 def diffusion_loss(

@@ -26,22 +26,24 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-import torch
-
 from ofer.diffusion.schedule import NoiseSchedule
 
 SOLVERS = ("dpmpp_2m", "unipc")
 DEFAULT_SOLVER_STEPS = 10
 
 
-def solver_scheduler(sampler: str, schedule: NoiseSchedule, steps: int | None, device: torch.device) -> Any:
+def solver_scheduler(sampler: str, schedule: NoiseSchedule, steps: int | None) -> Any:
     """A fresh diffusers scheduler for ``sampler`` with its ``steps`` timesteps set (cheap: no network).
+
+    Its timesteps and σ tables stay on the CPU (diffusers keeps σ there "to avoid too much
+    CPU/GPU communication"), and β comes from ``schedule.host_betas``, so that setting it up,
+    listing its visits and its first ``step`` (which finds its place in the timesteps with
+    ``nonzero``) read nothing back from a GPU.
 
     Args:
         sampler: ``"dpmpp_2m"`` or ``"unipc"``.
         schedule: the noise schedule the model was trained with.
         steps: number of network calls, in [1, T−1]; None for ``DEFAULT_SOLVER_STEPS``.
-        device: where the timesteps live (the sampling device).
     Returns:
         The scheduler, exposing ``timesteps`` and ``step(eps, t, x).prev_sample``.
     """
@@ -52,7 +54,7 @@ def solver_scheduler(sampler: str, schedule: NoiseSchedule, steps: int | None, d
         raise ValueError(f"{sampler}: steps must be in [1, {schedule.num_steps - 1}], got {steps}")
     common = {
         "num_train_timesteps": schedule.num_steps,
-        "trained_betas": schedule.betas.detach().cpu().numpy(),
+        "trained_betas": schedule.host_betas,
         "prediction_type": "epsilon",
         "solver_order": 2,
         "timestep_spacing": "linspace",
@@ -66,5 +68,10 @@ def solver_scheduler(sampler: str, schedule: NoiseSchedule, steps: int | None, d
         raise ValueError(f"solver_scheduler: sampler must be one of {SOLVERS}, got {sampler!r}")
     with warnings.catch_warnings():  # diffusers 0.42 calls np.array on a tensor the numpy-2 way numpy warns about
         warnings.simplefilter("ignore", DeprecationWarning)
-        scheduler.set_timesteps(steps, device=device)
+        scheduler.set_timesteps(steps, device="cpu")
     return scheduler
+
+
+def solver_visits(scheduler: Any) -> list[int]:
+    """The steps a ``solver_scheduler`` visits, in order (read from the CPU: no device sync)."""
+    return scheduler.timesteps.tolist()

@@ -186,10 +186,11 @@ class OferPipeline:
                  test: TestConfig | None = None) -> list[Reconstruction]:
         """image (B, 3, 224, 224) CLIP-normalised, arcface (B, 3, 112, 112) -> B reconstructions.
 
-        `generator`: one generator, or one per image (`ofer.diffusion.noise`). `test`: the sampling
+        `generator`: one generator, or one per image (`ofer.diffusion.noise`); each draws on its
+        own device, so CPU generators give the same noise on every device. `test`: the sampling
         settings of this call (default: the pipeline's, `self.test`), checked by `check_settings`
-        first. With `test.dtype = bfloat16` the encoders and denoisers run under bfloat16 autocast;
-        IdRank and FLAME stay in float32.
+        first. With `test.dtype = bfloat16` the encoders run under bfloat16 autocast and the
+        denoisers' products in bfloat16 (`Denoiser.sampler`; ε̂ float32); IdRank and FLAME stay in float32.
         """
         t = self.test if test is None else test
         if t is not self.test:
@@ -210,8 +211,9 @@ class OferPipeline:
         # IdRank: score every sample from (mean, sample - mean) on the front face; keep the best.
         scores = self.idrank.scores(rank_features(meshes, self.front_idx), ctx_idrank)  # (B, N)
         best = scores.argmax(dim=1)  # (B,)
-        best_shape = shapes[torch.arange(b), best]  # (B, n_shape)
-        neutral_mm = meshes[torch.arange(b), best]  # (B, V, 3): the best sample's neutral mesh
+        rows = torch.arange(b, device=self.device)  # made there: no copy from the host
+        best_shape = shapes[rows, best]  # (B, n_shape)
+        neutral_mm = meshes[rows, best]  # (B, V, 3): the best sample's neutral mesh
 
         # ExpGen: M expression + jaw samples per image, applied to the chosen identity.
         m = t.num_expressions

@@ -43,11 +43,15 @@ class Ranks:
         """`auto`: this rank's GPU when CUDA is there, else the CPU; `cuda` picks this rank's GPU.
 
         With more ranks on a node than GPUs, ranks share them (local rank modulo the GPU count).
+        A GPU with an index becomes this process's current CUDA device (`torch.cuda.set_device`),
+        so that what runs on the current device (streams, CUDA-graph capture, NCCL) uses it too.
         A value that is no device here is a ConfigError (`resolve_device`).
         """
         device = resolve_device(requested, "--device")
         if device.type == "cuda" and device.index is None and self.world > 1:
             device = torch.device("cuda", self.local_rank % torch.cuda.device_count())
+        if device.type == "cuda" and device.index is not None:
+            torch.cuda.set_device(device)
         return device
 
     def shard(self, items: Sequence[T]) -> list[T]:

@@ -14,7 +14,7 @@ from torch import nn
 
 from ofer.config import Config, ConfigError
 from ofer.diffusion import Denoiser, NoiseSchedule, diffusion_loss, sample
-from ofer.diffusion.denoiser import StaticEps
+from ofer.diffusion.denoiser import DenoiserSampler, StaticEps
 from ofer.diffusion.noise import Generators
 from ofer.diffusion.samplers import check_sampling, network_steps
 from ofer.encoders import build_arcface, build_farl
@@ -79,6 +79,8 @@ class DiffusionStage(ImageContext):
         v = cfg.varsched
         self.var_sched = NoiseSchedule(v.num_steps, v.beta_1, v.beta_T)
         self.losstype = cfg.net.losstype
+        # (rows, dtype, device) -> (parameter versions, sampler, its static step): see static_eps
+        self.static_steps: dict[tuple, tuple[tuple[int, ...], DenoiserSampler, StaticEps]] = {}
 
     @property
     def flame_dim(self) -> int:
@@ -116,16 +118,17 @@ class DiffusionStage(ImageContext):
         `eta` (stochasticity) applies to `ddim` only; the other samplers ignore it. `generator`
         may be one generator per image (`ofer.diffusion.noise`). The network runs its fast
         inference path (`Denoiser.sampler`), in `dtype` (float32, or bfloat16 autocast); with
-        `cuda_graph` each network call runs over static buffers (`StaticEps`), captured as a
+        `cuda_graph` each network call runs over static buffers (`static_eps`), captured as a
         CUDA graph on a CUDA device; with `compiled` the call is compiled by torch.compile.
         """
         b = context.shape[0]
         ctx = context.repeat_interleave(num_samples, dim=0)  # (B*N, C), samples of one image adjacent
-        # the eager path computes the time half of every step it will visit up front
-        timesteps = () if cuda_graph or compiled else network_steps(sampler, self.var_sched, steps)
-        eps_fn = self.net.sampler(ctx, dtype, compiled, timesteps)
         if cuda_graph:
-            eps_fn = StaticEps(eps_fn.step, (b * num_samples, self.flame_dim), context.device, cuda_graph=True)
+            eps_fn = self.static_eps(ctx, dtype)
+        else:
+            # the eager path computes the time half of every step it will visit up front
+            timesteps = () if compiled else network_steps(sampler, self.var_sched, steps)
+            eps_fn = self.net.sampler(ctx, dtype, compiled, timesteps)
         x = sample(
             eps_fn,
             self.var_sched,
@@ -138,6 +141,24 @@ class DiffusionStage(ImageContext):
             progress=progress,
         )
         return x.view(b, num_samples, self.flame_dim)
+
+    def static_eps(self, context: torch.Tensor, dtype: torch.dtype) -> StaticEps:
+        """The network step over static buffers for these (rows, C) contexts (`StaticEps`; a CUDA
+        graph on a CUDA device), made once per (rows, dtype, device) and kept: later calls copy
+        the new context's half of the modulations into place (`DenoiserSampler.set_context`)
+        instead of capturing again (a capture synchronises the device and empties PyTorch's
+        memory cache). Kept steps are made again when a parameter was changed in place since
+        (its version counter moved), e.g. by loading a state dict."""
+        key = (context.shape[0], dtype, context.device)
+        versions = tuple(p._version for p in self.net.parameters())
+        kept = self.static_steps.get(key)
+        if kept is not None and kept[0] == versions:
+            kept[1].set_context(context)
+            return kept[2]
+        fast = self.net.sampler(context, dtype)
+        static = StaticEps(fast.eps, (context.shape[0], self.flame_dim), context.device, cuda_graph=True)
+        self.static_steps[key] = (versions, fast, static)
+        return static
 
 
 class IdRank(ImageContext):

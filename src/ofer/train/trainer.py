@@ -159,9 +159,9 @@ def setup_distributed(requested: str) -> Distributed:
     if world_size > 1:
         local_rank = int(os.environ["LOCAL_RANK"])
         use_cuda = device.type == "cuda"
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-        if use_cuda:
+        if use_cuda:  # before the process group: NCCL binds each rank to the current device
             torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if use_cuda else "gloo")
         device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
         return Distributed(dist.get_rank(), world_size, device)
     return Distributed(0, 1, device)
