@@ -1,6 +1,7 @@
 """test.py end to end on synthetic demo images (untrained tiny checkpoints): files, shapes, failures."""
 
 import json
+import logging
 import shutil
 import struct
 import zlib
@@ -224,3 +225,14 @@ def test_a_checkpoint_in_the_wrong_slot_is_refused(synthetic_root, checkpoints, 
     assert (f"{checkpoints['expgen']}: given as the IdGen checkpoint (--checkpoint2), but it holds an ExpGen "
             f"stage (from its config)") in caplog.text
     assert not (tmp_path / "out" / "shapesample").exists()
+
+
+def test_batch_is_chosen_automatically_unless_given(synthetic_root, checkpoints, tmp_path, caplog, capsys):
+    listing = synthetic_root / "test" / "list.txt"
+    caplog.set_level(logging.INFO, logger="ofer.test")
+    assert run(synthetic_root, checkpoints, listing, synthetic_root / "test", tmp_path / "auto") == 0
+    assert "3 image(s) per batch (--batch auto)" in caplog.text  # the CPU rule, at most the images there are
+    for bad in ("0", "two"):
+        with pytest.raises(SystemExit) as code:
+            run(synthetic_root, checkpoints, listing, synthetic_root / "test", tmp_path / "bad", "--batch", bad)
+        assert code.value.code == 2 and "--batch" in capsys.readouterr().err

@@ -32,8 +32,10 @@ import torch
 
 from ofer.config import Config, ConfigError, TestConfig, config_to_dict, load_config, override_config
 from ofer.device import resolve_device
+from ofer.diffusion.noise import seeded_generator
 from ofer.diffusion.samplers import FIXED_SEQUENCE
 from ofer.diffusion.solvers import SOLVERS
+from ofer.inference.batching import auto_batch_size
 from ofer.inference.export import write_outputs
 from ofer.inference.pipeline import OferPipeline, Reconstruction, crop_tensors, load_inputs
 from ofer.io import InputError, failure_reason, read_image
@@ -65,13 +67,15 @@ def sampling_overrides(sampling: dict[str, Any], opts: Sequence[str] = ()) -> li
     return [*drops, *opts, *sets]
 
 
-def image_generator(seed: int, name: str, device: torch.device) -> torch.Generator:
+def image_generator(seed: int, name: str) -> torch.Generator:
     """The source of one image's noise: its samples depend on `seed` and its name only.
 
     The seed is the CRC-32 of the name computed from `seed` as initial value: 32 bits, as the
-    CPU generator uses only those, and different for every seed of one name.
+    CPU generator uses only those, and different for every seed of one name. The generator is a
+    CPU one whatever the device (`ofer.diffusion.noise.randn` moves what it draws), so a seed
+    gives the same samples on a CPU and a GPU, up to float rounding.
     """
-    return torch.Generator(device).manual_seed(zlib.crc32(name.encode(), seed % 2**32))
+    return seeded_generator(zlib.crc32(name.encode(), seed % 2**32))
 
 
 def checkpoint_records(checkpoints: dict[str, str | Path]) -> dict[str, dict]:
@@ -199,6 +203,12 @@ class OferModel:
         _import_solvers(test)
         return test
 
+    def auto_batch(self, test: TestConfig, num_images: int | None = None) -> int:
+        """Images reconstructed together by default: `ofer.inference.batching.auto_batch_size` for
+        this device and these sizes (outputs do not depend on it, up to float rounding)."""
+        return auto_batch_size(self.device, test.numsamples, test.num_expressions, self.pipeline.flame.num_vertices,
+                               num_images)
+
     def flame_meshes(self, shapes: np.ndarray) -> np.ndarray:
         """(K, n_shape) FLAME shape coefficients -> (K, V, 3) neutral meshes in mm."""
         with torch.no_grad():
@@ -250,8 +260,8 @@ class OferModel:
         return result
 
     def reconstruct_crops(self, crops: Sequence[str | Path], names: Sequence[str] | None = None,
-                          batch: int = 1, on_error: str = "raise", **sampling: Any) -> list[Result | ImageError]:
-        """Reconstruct many crops, `batch` images at a time; one Result per crop, in order.
+                          batch: int | None = None, on_error: str = "raise", **sampling: Any) -> list[Result | ImageError]:
+        """Reconstruct many crops, `batch` images at a time (None: `auto_batch`); one Result per crop, in order.
 
         `on_error="raise"` raises the first ImageError after trying every crop; `"return"` puts
         the ImageError of a failed image in its place and goes on (what test.py does).
@@ -263,6 +273,7 @@ class OferModel:
         if len(names) != len(paths):
             raise ValueError(f"{len(names)} names for {len(paths)} crops")
         test = self.settings(**sampling)
+        batch = self.auto_batch(test, len(paths)) if batch is None else batch
         results = [r for _, r in self.iter_crops(list(zip(names, paths)), batch, test)]
         errors = [r for r in results if isinstance(r, ImageError)]
         if errors and on_error == "raise":
@@ -307,7 +318,7 @@ class OferModel:
 
     def _attempt(self, loaded: list[tuple], test: TestConfig) -> list[Reconstruction | Exception]:
         """Run the pipeline on `loaded` (name, path, crop, arcface) together; a result with NaN or Inf is an error."""
-        generators = [image_generator(test.seed, name, self.device) for name, *_ in loaded]
+        generators = [image_generator(test.seed, name) for name, *_ in loaded]
         try:
             recs = self.pipeline(torch.stack([l[2] for l in loaded]), torch.stack([l[3] for l in loaded]),
                                  generators, test)

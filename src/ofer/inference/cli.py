@@ -80,13 +80,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_const", const="true",
                    help="torch.compile the denoiser call (test.compile): slow first call, then faster")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
-    p.add_argument("--batch", type=int, default=1, help="images reconstructed together")
+    p.add_argument("--batch", type=batch_size, default="auto",
+                   help="images reconstructed together: a number, or auto (default: chosen from the device, N, M and "
+                        "FLAME's size; ofer.inference.batching); outputs do not depend on it")
     p.add_argument("--overwrite", action="store_true", help="redo images that already have outputs")
     p.add_argument("--mesh-format", choices=list(MESH_FORMATS), default="ply",
                    help="file format of the meshes: ply (default, as the original), obj, or both")
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
+
+
+def batch_size(text: str) -> int | str:
+    """--batch: `auto` or a count of at least 1."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither auto nor a number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: must be at least 1")
+    return value
 
 
 def read_list(list_file: Path, image_root: Path) -> list[tuple[str, Path]]:
@@ -152,8 +167,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace, ranks: Ranks) -> int:
     """Load the settings and the list, take the output folder, reconstruct this rank's share."""
-    if args.batch < 1:
-        raise ConfigError(f"--batch {args.batch}: must be at least 1")
     device = ranks.device(args.device)
     overrides = sampling_overrides({flag: getattr(args, flag) for flag in SAMPLING_KEYS}, args.opt)
     cfg = load_config(args.cfg, overrides)
@@ -218,9 +231,12 @@ def reconstruct_shard(args: argparse.Namespace, cfg: Config, checkpoints: dict[s
     try:
         model = from_config(cfg, checkpoints["idrank"], checkpoints["idgen"], checkpoints["expgen"], device, records)
         report.load_seconds = time.perf_counter() - start
+        batch = model.auto_batch(cfg.test, len(mine)) if args.batch == "auto" else args.batch
+        if ranks.rank == 0:
+            log.info("%d image(s) per batch%s", batch, " (--batch auto)" if args.batch == "auto" else "")
         desc = "images" if ranks.world == 1 else f"images (rank 0 of {ranks.world})"
         with progress(total=len(mine), desc=desc, unit="img", disable=ranks.rank > 0) as bar:
-            for name, result in model.iter_crops(mine, args.batch, cfg.test):
+            for name, result in model.iter_crops(mine, batch, cfg.test):
                 if isinstance(result, ImageError):
                     report.failed[name] = result.reason
                 else:
