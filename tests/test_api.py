@@ -77,6 +77,7 @@ def test_sampling_arguments_are_checked_with_test_pys_rules(model, synthetic_roo
     with pytest.raises(TypeError, match="unknown sampling argument.* smapler"):
         model.reconstruct_crop(crop, smapler="ddpm")
     assert model.settings(sampler="ddpm").steps is None  # a fixed sequence drops the config's steps
+    assert model.settings(cuda_graph=True).cuda_graph is True and model.cfg.test.cuda_graph is False
     assert sampling_overrides({"sampler": "ddpm", "steps": None}, ["test.steps=3"]) == [
         "test.steps=null", "test.steps=3", "test.sampling=ddpm"]
 

@@ -46,7 +46,7 @@ REPO = Path(__file__).resolve().parents[2]  # the checkout, for load_demo (model
 # Sampling arguments of the API (and test.py's flags of the same names) -> their test.* config keys.
 SAMPLING_KEYS = {"num_shapes": "numsamples", "num_expressions": "num_expressions", "sampler": "sampling",
                  "steps": "steps", "exp_sampler": "exp_sampling", "exp_steps": "exp_steps", "seed": "seed",
-                 "dtype": "dtype", "compile": "compile"}
+                 "dtype": "dtype", "compile": "compile", "cuda_graph": "cuda_graph"}
 
 
 def sampling_overrides(sampling: dict[str, Any], opts: Sequence[str] = ()) -> list[str]:

@@ -79,6 +79,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="network dtype at inference (test.dtype)")
     p.add_argument("--compile", action="store_const", const="true",
                    help="torch.compile the denoiser call (test.compile): slow first call, then faster")
+    p.add_argument("--cuda-graph", action="store_const", const="true",
+                   help="on a GPU, replay each denoiser call as a captured CUDA graph (test.cuda_graph)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
     p.add_argument("--batch", type=batch_size, default="auto",
                    help="images reconstructed together: a number, or auto (default: chosen from the device, N, M and "
