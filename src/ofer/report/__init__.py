@@ -107,16 +107,16 @@ def statuses(summary: dict) -> dict[str, tuple[str, str | None]]:
     return found
 
 
-def discover(out: Path, skip: set[str]) -> list[str]:
+def discover(out: Path) -> list[str]:
     """Names of the images with a done marker (`<name>/done.json`), found by walking `out`.
 
-    The mesh folders and the top-level folders in `skip` (reports, test.py's work folders) are not entered.
+    The mesh folders and hidden ones (test.py's and the report's work folders) are not entered.
     """
     names = []
     for folder, dirs, files in os.walk(out):
         rel = Path(folder).relative_to(out).as_posix()
         if rel == ".":
-            dirs[:] = [d for d in dirs if d not in skip | {"shapesample", "flamesample"} and not d.startswith(".")]
+            dirs[:] = [d for d in dirs if d not in ("shapesample", "flamesample") and not d.startswith(".")]
         elif "done.json" in files:
             names.append(rel)
         dirs.sort()
@@ -351,7 +351,7 @@ def build_report(out: str | os.PathLike) -> Path:
     out = Path(out)
     summary, summary_problem = read_summary(out)
     known = statuses(summary)
-    names = sorted(set(known) | set(discover(out, {REPORT_FOLDER, "ofer_report", ".test-parts"})))
+    names = sorted(set(known) | set(discover(out)))
     entries = [load_image(out, n, *known.get(n, ("outputs found", None))) if safe_name(n)
                else ImageEntry(n, *known.get(n, ("unknown", None))) for n in names]
     run_faces = next((entry.faces for entry in entries if entry.faces is not None), None)
