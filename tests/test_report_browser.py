@@ -1,6 +1,6 @@
 """The report in a real headless browser (Chromium, software WebGL): the index, a page's console, the 3D view.
 
-Needs /usr/bin/chromium and /usr/bin/chromedriver (Debian: `apt-get install -y --no-install-recommends
+Needs chromium and chromedriver on the PATH or in /usr/bin (Debian: `apt-get install -y --no-install-recommends
 chromium chromium-driver`) and selenium (the `dev` extra). Skipped, saying what is missing, where
 they are not installed, unless OFER_REQUIRE_BROWSER=1 (CI), which turns the skip into a failure.
 """
@@ -19,7 +19,8 @@ import pytest
 from conftest import REPORT_ODD_NAME
 from ofer.report import build_report
 
-CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+CHROMIUM = Path(shutil.which("chromium") or shutil.which("chromium-browser") or "/usr/bin/chromium")
+CHROMEDRIVER = Path(shutil.which("chromedriver") or "/usr/bin/chromedriver")
 BACKGROUND_BGR = (0xF2, 0xF2, 0xF2)  # the viewer's scene background (report.js)
 
 
