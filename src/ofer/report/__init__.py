@@ -326,7 +326,7 @@ def write_image_page(folder: Path, entry: ImageEntry, run_faces: np.ndarray | No
     files = "\n".join(f'<tr><td>{e(what)}</td><td><a href="{href(to_out, rel)}"><code>{e(rel)}</code></a></td>'
                       f'<td class="{"missing" if problem else ""}">{e(problem or "ok")}</td></tr>'
                       for what, rel, problem in entry.files)
-    counts = {key: entry.marker.get(f"num_{key}s", "the") for key in ("shape", "expression")}
+    counts = {key: entry.marker.get(f"num_{key}s", letter) for key, letter in (("shape", "N"), ("expression", "M"))}
     text = template("image.html").substitute(
         name=e(entry.name), status=status_html(entry), assets=e(to_report + "assets/"), index=e(to_report + "index.html"),
         data=href("", PurePosixPath(entry.name).name + ".data.js"), legend=legend_html(), pictures="\n".join(pictures),
