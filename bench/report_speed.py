@@ -5,8 +5,8 @@ the CPU here; on a GPU they run there, beside the sampling), `write_uncertainty`
 two vertex-coloured PLYs, two spread pictures and the score plot) and its share of
 `build_report` over an output folder of `--images` images written by test.py's own
 `write_outputs`. Two sizes: the demo (the synthetic FLAME-format model, 2434 vertices, N = 32,
-M = 16, 8 expressions saved: configs/demo/test.yml) and FLAME (its faces split until 5023
-vertices and 9976 faces, N = M = 100, 15 expressions saved: the original's settings). CPU
+M = 16, 8 expressions saved: configs/demo/test.yml) and FLAME (part of its faces split until
+FLAME's 9976 faces, 5055 vertices; N = M = 100, 15 expressions saved: the original's settings). CPU
 seconds are the process's (time.process_time), best of `--repeats`; bytes are the files each
 image gets from this change (the report's shared assets, written once per run, are listed apart).
 

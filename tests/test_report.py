@@ -55,7 +55,7 @@ class Page(HTMLParser):
 def image_data(report: Path, name: str) -> dict:
     """The OFER_IMAGE object a page's data script sets."""
     text = (report / "images" / f"{name}.data.js").read_text()
-    return json.loads(re.fullmatch(r"window\.OFER_IMAGE = (.*);\n", text, re.S).group(1))
+    return json.loads(re.fullmatch(r"window\.OFER_IMAGE = (.*);\n", text, re.DOTALL).group(1))
 
 
 def floats(data: str) -> np.ndarray:
@@ -100,7 +100,7 @@ def test_index_lists_every_image_with_status_and_a_working_page(folder):
         np.testing.assert_array_equal(floats(data["spreads"]["shape"]), spreads["shape_spread_mm"])
         assert data["faces"] is None  # shared once per run:
     run = json.loads(re.fullmatch(r"window\.OFER_RUN = (.*);\n", (folder / "report" / "assets" / "run_data.js")
-                                  .read_text(), re.S).group(1))
+                                  .read_text(), re.DOTALL).group(1))
     shared = np.frombuffer(base64.b64decode(run["faces"]["data"]), dtype="<u2").reshape(-1, 3)
     assert np.array_equal(shared, faces)
     assert (folder / "report" / "assets" / "viewer.min.js").read_bytes().startswith(b"/*! three.js 0.187.0")

@@ -96,7 +96,7 @@ def test_a_page_loads_without_errors_and_draws_the_mesh(browser, report):
     assert errors == []
     plain = canvas_picture(browser)
     drawn = np.abs(plain.astype(int) - BACKGROUND_BGR).sum(2) > 12  # (H, W) pixels that are not background
-    height, width = drawn.shape
+    width = drawn.shape[1]
     for half in (drawn[:, : width // 2], drawn[:, width // 2 :]):  # the front and the side view
         assert 0.1 < half.mean() < 0.9
     # Colouring by the shape spread paints the same pixels in colour (plain shading is grey).

@@ -9,9 +9,14 @@ import trimesh
 
 from ofer.flame import FLAME
 from ofer.inference.pictures import scores_plot, spread_picture
-from ofer.inference.uncertainty import SPREAD_SCALE_MM, UNCERTAINTY_FILES, spread_colors, vertex_spread, write_uncertainty
+from ofer.inference.uncertainty import (
+    SPREAD_SCALE_MM,
+    UNCERTAINTY_FILES,
+    spread_colors,
+    vertex_spread,
+    write_uncertainty,
+)
 from ofer.io import read_mesh
-
 
 
 def reconstructed(out) -> list[str]:

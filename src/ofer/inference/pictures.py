@@ -94,7 +94,7 @@ def spread_picture(vertices_mm: np.ndarray, faces: np.ndarray, spread_mm: np.nda
     picture[top:bottom, left : left + bar_w] = colormap(values)[:, None, ::-1]
     cv2.rectangle(picture, (left, top), (left + bar_w - 1, bottom - 1), GREY, 1)
     for tick in np.linspace(0.0, scale_mm, 5):
-        y = int(round(bottom - 1 - tick / scale_mm * (bottom - top - 1)))
+        y = round(bottom - 1 - tick / scale_mm * (bottom - top - 1))
         cv2.line(picture, (left + bar_w, y), (left + bar_w + 3, y), BLACK, 1)
         _text(picture, f"{tick:g}", (left + bar_w + 6, y + 4), 0.35)
     _text(picture, "mm", (left, top - 3), 0.35)

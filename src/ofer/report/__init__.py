@@ -79,7 +79,7 @@ def attempt(read: Callable[[], Any]) -> tuple[Any, str | None]:
     """(value, None), or (None, why) for any error: a corrupt file can make a library raise anything."""
     try:
         return read(), None
-    except Exception as err:  # shown in the report as the file's problem
+    except Exception as err:  # noqa: BLE001 -- shown in the report as the file's problem
         return None, failure_reason(err)
 
 
@@ -196,7 +196,8 @@ def load_image(out: Path, name: str, status: str, reason: str | None) -> ImageEn
     expected = saved_expressions(entry.marker)
     k = 0
     while (expected is None and (out / f"flamesample/{name}_0_{k}.ply").is_file()) or (expected and k < expected):
-        mesh = note(f"expression sample {k}", f"flamesample/{name}_0_{k}.ply", lambda p: read_vertices(p, num_vertices))
+        mesh = note(f"expression sample {k}", f"flamesample/{name}_0_{k}.ply",
+                    lambda p, v=num_vertices: read_vertices(p, v))
         if mesh is not None and (entry.faces is None or np.array_equal(mesh[1], entry.faces)):
             entry.meshes.append((f"expression sample {k}", mesh[0]))
             entry.faces, num_vertices = mesh[1], len(mesh[0])
