@@ -14,6 +14,7 @@ in fresh worker processes, interleaved, and the best of `--repeats` runs is prin
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -70,9 +71,11 @@ def worker(out: Path) -> None:
     arcface = np.clip(rng.normal(0, 0.5, (3, 112, 112)), -1, 1).astype(np.float32)
     times = {}
     for name, (neutral, exp, faces, kpt68) in meshes(Path(tempfile.mkdtemp())).items():
-        rec = Reconstruction(shapes=np.zeros((1, 300)), scores=np.zeros(1), best=0, expressions=np.zeros((11, 50)),
-                             jaws=np.zeros((11, 3)), neutral_mm=neutral, expression_mm=exp, kpt68_mm=kpt68,
-                             kpt7_mm=kpt68[:7])
+        fields = {"shapes": np.zeros((1, 300)), "scores": np.zeros(1), "best": 0, "expressions": np.zeros((11, 50)),
+                  "jaws": np.zeros((11, 3)), "neutral_mm": neutral, "expression_mm": exp, "kpt68_mm": kpt68,
+                  "kpt7_mm": kpt68[:7], "shape_spread_mm": np.zeros(len(neutral)),
+                  "expression_spread_mm": np.zeros(len(neutral))}
+        rec = Reconstruction(**{f.name: fields[f.name] for f in dataclasses.fields(Reconstruction)})  # either revision's
         for _ in range(2):  # warm-up, then timed
             wall, cpu = time.perf_counter(), time.process_time()
             overlay_picture(arcface, rec, faces)

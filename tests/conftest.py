@@ -63,3 +63,60 @@ def checkpoints(synthetic_root, tmp_path_factory):
         paths[stage] = out / f"{stage}.tar"
         save_checkpoint(paths[stage], model, config=config_to_dict(cfg))
     return paths
+
+
+REPORT_ODD_NAME = "odd dir/<b>&\"it's\""  # an image name with HTML special characters, in a sub-folder
+
+
+@pytest.fixture(scope="session")
+def report_outputs(tmp_path_factory) -> Path:
+    """test.py's outputs with the bundled demo models (N = 16, M = 4, all four expressions saved) and each
+    image's uncertainty files, written by `write_uncertainty` from the same reconstruction test.py made
+    where test.py did not write them itself.
+
+    Images: three synthetic test faces, one of them copied to REPORT_ODD_NAME, and `broken`, whose
+    ArcFace array is not an array (it fails, with its reason in summary.json). Treat as read-only:
+    copy it before changing files.
+    """
+    import numpy as np
+
+    from ofer.inference.cli import image_generator, read_list
+    from ofer.inference.cli import main as run_test
+    from ofer.inference.pipeline import OferPipeline, load_inputs
+    from ofer.inference.uncertainty import write_uncertainty
+
+    root = tmp_path_factory.mktemp("report_data")
+    data = generate(root / "synthetic", SyntheticSettings(test_images=3), training=False)
+    images = data / "test"
+    names = (images / "list.txt").read_text().split()
+    (images / "odd dir").mkdir()
+    for suffix in (".jpg", ".npy"):
+        (images / f"{REPORT_ODD_NAME}{suffix}").write_bytes((images / f"{names[0]}{suffix}").read_bytes())
+    (images / "broken.jpg").write_bytes((images / f"{names[0]}.jpg").read_bytes())
+    np.save(images / "broken.npy", np.array(["not", "numbers"]))
+    list_file = root / "list.txt"
+    list_file.write_text("\n".join([*names, f"{REPORT_ODD_NAME}.jpg", "broken"]) + "\n")
+    out = root / "out"
+    flame = data / "flame"
+    options = [f"model.flame_model_path={flame / 'generic_model.pkl'}",
+               f"model.flame_lmk_embedding_path={flame / 'landmark_embedding.npy'}",
+               f"model.front_indices_path={flame / 'frontindices.npy'}",
+               "test.numsamples=16", "test.num_expressions=4"]
+    bundled = REPO / "models" / "demo"
+    code = run_test(["--cfg", str(REPO / "configs" / "demo" / "test.yml"),
+                     "--checkpoint1", str(bundled / "idrank.tar"), "--checkpoint2", str(bundled / "idgen.tar"),
+                     "--checkpoint3", str(bundled / "expgen.tar"), "--filename", str(list_file),
+                     "--imagepath", str(images), "--outputpath", str(out), "--device", "cpu",
+                     *[arg for option in options for arg in ("--opt", option)]])
+    assert code == 1  # `broken` failed, the others were reconstructed
+    todo = [(name, path) for name, path in read_list(list_file, images)
+            if name != "broken" and not (out / name / "uncertainty.npz").is_file()]  # test.py may write them itself
+    if todo:
+        cfg = load_config(REPO / "configs" / "demo" / "test.yml", options)
+        pipeline = OferPipeline.from_checkpoints(cfg, bundled / "idrank.tar", bundled / "idgen.tar",
+                                                 bundled / "expgen.tar", torch.device("cpu"))
+        for name, path in todo:
+            crop, arcface = load_inputs(path)
+            rec = pipeline(crop[None], arcface[None], [image_generator(cfg.test.seed, name, pipeline.device)])[0]
+            write_uncertainty(out / name, rec, pipeline.flame.faces.numpy())
+    return out

@@ -26,7 +26,8 @@ def _reconstruction(vertices, kpt68, expressions):
     return Reconstruction(shapes=np.zeros((1, 300)), scores=np.zeros(1), best=0,
                           expressions=np.zeros((len(expressions), 50)), jaws=np.zeros((len(expressions), 3)),
                           neutral_mm=vertices, expression_mm=np.asarray(expressions), kpt68_mm=kpt68,
-                          kpt7_mm=kpt68[:7])
+                          kpt7_mm=kpt68[:7], shape_spread_mm=np.zeros(len(vertices)),
+                          expression_spread_mm=np.zeros(len(vertices)))
 
 
 def test_place_on_crop_is_a_frontal_perspective_view_moved_by_the_alignment_similarity():

@@ -266,17 +266,31 @@ def check_values(source: str | os.PathLike, array: np.ndarray, low: float, high:
                          f"expected within [{low:g}, {high:g}]")
 
 
-def write_ply(path: str | os.PathLike, vertices: np.ndarray, faces: np.ndarray) -> None:
+def write_ply(path: str | os.PathLike, vertices: np.ndarray, faces: np.ndarray,
+              colors: np.ndarray | None = None) -> None:
     """Write a triangle mesh as binary little-endian PLY, atomically.
 
-    vertices: (V, 3) float, faces: (F, 3) int. Written directly (no trimesh processing) so
-    the vertex order and count are exactly those of the model.
+    vertices: (V, 3) float, faces: (F, 3) int, colors: optional (V, 3) uint8 RGB per vertex
+    (`red`, `green`, `blue` properties; without them the file is the plain mesh the original
+    writes, which every loader reads). Written directly (no trimesh processing) so the vertex
+    order and count are exactly those of the model.
     """
-    vertices = np.ascontiguousarray(vertices, dtype="<f4")
+    vertices = np.asarray(vertices)
+    fields = [("xyz", "<f4", (3,))]
+    if colors is not None:
+        colors = np.asarray(colors)
+        if colors.shape != vertices.shape or colors.dtype != np.uint8:
+            raise ValueError(f"colors must be uint8 of shape {vertices.shape}, got {colors.dtype} {colors.shape}")
+        fields.append(("rgb", "u1", (3,)))
+    records = np.empty(len(vertices), dtype=fields)
+    records["xyz"] = vertices
+    if colors is not None:
+        records["rgb"] = colors
     faces = np.asarray(faces)
+    color_properties = "property uchar red\nproperty uchar green\nproperty uchar blue\n" if colors is not None else ""
     header = (
         "ply\nformat binary_little_endian 1.0\n"
-        f"element vertex {len(vertices)}\nproperty float x\nproperty float y\nproperty float z\n"
+        f"element vertex {len(vertices)}\nproperty float x\nproperty float y\nproperty float z\n{color_properties}"
         f"element face {len(faces)}\nproperty list uchar int vertex_indices\nend_header\n"
     )
     face_records = np.empty(len(faces), dtype=[("n", "u1"), ("idx", "<i4", (3,))])
@@ -284,7 +298,7 @@ def write_ply(path: str | os.PathLike, vertices: np.ndarray, faces: np.ndarray) 
     face_records["idx"] = faces
     with atomic_write(path) as tmp, open(tmp, "wb") as handle:
         handle.write(header.encode("ascii"))
-        handle.write(vertices.tobytes())
+        handle.write(records.tobytes())
         handle.write(face_records.tobytes())
 
 

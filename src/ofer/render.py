@@ -311,8 +311,11 @@ def image_grid(
     return sheet
 
 
-def frontal_view(vertices_mm: np.ndarray, faces: np.ndarray, size: int = 160) -> np.ndarray:
-    """A frontal orthographic rendering of a FLAME mesh (y up in FLAME -> up in the image)."""
+def frontal_view(vertices_mm: np.ndarray, faces: np.ndarray, size: int = 160, **shading) -> np.ndarray:
+    """A frontal orthographic rendering of a FLAME mesh (y up in FLAME -> up in the image).
+
+    `shading`: `render_mesh`'s background, albedo (e.g. per-vertex colours), ambient, ...
+    """
     centre = vertices_mm.mean(0)
     extent = np.ptp(vertices_mm[:, :2], axis=0).max()
     s = 0.9 * size / max(extent, 1e-6)
@@ -321,5 +324,5 @@ def frontal_view(vertices_mm: np.ndarray, faces: np.ndarray, size: int = 160) ->
         size / 2 - s * (vertices_mm[:, 1] - centre[1]),
         s * vertices_mm[:, 2],  # same scale as x and y, so the shading normals are right
     ], axis=1)
-    image, _ = render_mesh(screen, faces, size, size)
+    image, _ = render_mesh(screen, faces, size, size, **shading)
     return image

@@ -22,6 +22,7 @@ from ofer.encoders.arcface import configure_single_image_bn
 from ofer.encoders.normalise import ARCFACE_RANGE, clip_normalise_bgr, crop_to_clip_input
 from ofer.flame import FLAME
 from ofer.flame.jaw import jaw_limits_array, jaws_to_pose
+from ofer.inference.uncertainty import vertex_spread
 from ofer.io import check_values, load_array, read_image
 from ofer.models.idrank import load_front_indices, rank_features
 from ofer.models.stages import DiffusionStage, IdRank
@@ -42,6 +43,8 @@ class Reconstruction:
     expression_mm: np.ndarray  # (M, V, 3) best shape with each sampled expression
     kpt68_mm: np.ndarray  # (68, 3) landmarks of the neutral mesh
     kpt7_mm: np.ndarray  # (7, 3) NoW landmarks of the neutral mesh
+    shape_spread_mm: np.ndarray  # (V,) per-vertex spread of the N neutral shape samples
+    expression_spread_mm: np.ndarray  # (V,) per-vertex spread of the M expressive meshes
 
 
 MAX_CROP_PIXELS = 4096 * 4096  # a face crop (224 expected, others are resized); anything larger is not one
@@ -228,10 +231,12 @@ class OferPipeline:
 
         # Landmarks are linear in the vertices (no pose), so they come out in mm too.
         kpt68, kpt7 = self.flame.landmarks68(neutral_mm), self.flame.landmarks7(neutral_mm)  # (B, 68|7, 3)
+        shape_spread, expression_spread = vertex_spread(meshes), vertex_spread(expression_mm)  # (B, V) each
         out = {name: value.cpu().numpy() for name, value in (
             ("shapes", shapes), ("scores", scores), ("expressions", expressions), ("jaws", jaws),
             ("neutral_mm", neutral_mm), ("expression_mm", expression_mm), ("kpt68_mm", kpt68),
-            ("kpt7_mm", kpt7), ("best", best))}  # one copy per output
+            ("kpt7_mm", kpt7), ("shape_spread_mm", shape_spread), ("expression_spread_mm", expression_spread),
+            ("best", best))}  # one copy per output
         return [
             Reconstruction(**{name: value[i] for name, value in out.items() if name != "best"}, best=int(out["best"][i]))
             for i in range(b)
