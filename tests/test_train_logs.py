@@ -167,8 +167,8 @@ def test_an_interrupted_run_says_what_resume_continues_from_and_exits_130(synthe
     monkeypatch.setattr(Trainer, "_mean_over_ranks", _interrupt_at(3))
     assert _exit_code(main, "idgen", argv) == 130
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert warnings == [f"interrupted after 3 of 5 steps; the last checkpoint is {out / 'last.tar'} (step 2): "
-                        "--resume continues from it"]
+    assert warnings == [(f"interrupted after 3 of 5 steps; the last checkpoint is {out / 'last.tar'} (step 2): "
+                         "--resume continues from it")]
     assert read_checkpoint(out / "last.tar")["step"] == 2 and not (out / ".train.lock").exists()
     assert [e.step for e in _events(out / "tb").Tensors("train/loss")] == [1, 2]  # what was logged is kept
 

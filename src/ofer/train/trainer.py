@@ -326,8 +326,8 @@ class Trainer:
         text = config_yaml(self.cfg).rstrip("\n")
         writer.add_text("config", "    " + text.replace("\n", "\n    "), self.step)  # indented: shown verbatim
         metrics = {"train/loss": math.nan, PRIMARY_METRIC[self.cfg.stage]: math.nan}  # names only; values from scalars
-        for summary in hparams(hparam_values(self.cfg), metrics):
-            writer.file_writer.add_summary(summary, self.step)
+        for proto in hparams(hparam_values(self.cfg), metrics):  # the experiment, session start and end records
+            writer.file_writer.add_summary(proto, self.step)
 
     def close(self) -> None:
         """Let go of the output folder (rank 0's lock); `fit` does this when it ends."""
@@ -516,7 +516,7 @@ class Trainer:
             self.close()
 
     def _fit(self) -> Path:
-        cfg, place = self.cfg, self.place
+        place = self.place
         model: nn.Module = self.task
         if place.world_size > 1:
             model = nn.parallel.DistributedDataParallel(
