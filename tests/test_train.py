@@ -8,11 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from tensorboard.backend.event_processing.plugin_event_accumulator import EventAccumulator
 
 from conftest import demo_config
 from ofer.checkpoints import read_checkpoint
 from ofer.config import ConfigError, config_to_dict
 from ofer.io import InputError
+from ofer.logs import setup_logging
 from ofer.train.trainer import StepBatchSampler, Trainer
 
 FAST = ["train.val_steps=3", "train.checkpoint_steps=3", "train.val_batches=1", "train.log_steps=1",
@@ -57,6 +59,7 @@ def test_expgen_and_idrank_train(synthetic_root, tmp_path):
     assert {"val/ranked_error_mm", "val/random_error_mm", "val/oracle_error_mm"} <= set(metrics)
     assert metrics["val/oracle_error_mm"] <= metrics["val/ranked_error_mm"] + 1e-6
     rank.fit()
+    assert "val/truth_vs_ranked_samples" in EventAccumulator(str(tmp_path / "rank" / "tb")).Reload().Tags()["tensors"]
     after = rank.task.model.net.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)  # the ranker learns
     assert all(torch.equal(idgen_before[k], v) for k, v in rank.task.idgen.state_dict().items())  # IdGen frozen
@@ -70,9 +73,11 @@ def test_step_batches_are_reproducible():
 
 
 def _train_one_rank(rank: int, world_size: int, port: int, cfg, out: Path) -> None:
-    """A torchrun-like worker: join the gloo group, train, write this rank's weights and LRs."""
+    """A torchrun-like worker: log as the training scripts do, join the gloo group, train, write this rank's
+    weights and LRs."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    setup_logging("INFO")  # as ofer.train.cli does
     torch.set_num_threads(1)
     trainer = Trainer(cfg)
     held = trainer.lock.held
@@ -81,16 +86,22 @@ def _train_one_rank(rank: int, world_size: int, port: int, cfg, out: Path) -> No
                 "best": trainer.best, "held_lock": held}, out / f"rank{rank}.pt")
 
 
-def test_two_ranks_keep_identical_learning_rates_and_weights(synthetic_root, tmp_path):
+def test_two_ranks_keep_identical_learning_rates_and_weights(synthetic_root, checkpoints, tmp_path, capfd):
     """Without a validation set the plateau scheduler steps on the training loss; each rank sees
-    other batches, so only the loss averaged over ranks keeps their LRs (and weights) equal."""
+    other batches, so only the loss averaged over ranks keeps their LRs (and weights) equal.
+    Rank 0 alone logs what is the same on all: the weights loaded and the run's summary."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     cfg = demo_config("idgen", synthetic_root, tmp_path / "run", "dataset.validation_data=[]", "train.max_steps=5",
                       "train.val_steps=1", "train.lr_patience=0", "train.checkpoint_steps=5", "train.ema_decay=null",
-                      "train.device=cpu")
+                      "train.device=cpu", f"train.init_checkpoint={checkpoints['idgen']}")
     torch.multiprocessing.spawn(_train_one_rank, args=(2, port, cfg, tmp_path), nprocs=2)
+    logged = capfd.readouterr().err.splitlines()
+    assert len([line for line in logged if f"INFO ofer.checkpoints: IdGen weights from {checkpoints['idgen']}" in line]) == 1
+    assert len([line for line in logged if "INFO ofer.train.trainer: training IdGen" in line]) == 1
+    assert "world size 2" in next(line for line in logged if "training IdGen" in line)
+    assert not [line for line in logged if " rank 1 " in line]  # nothing went wrong on rank 1, so it said nothing
     a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert a["lrs"] == b["lrs"] and a["best"] == b["best"]
     assert min(a["lrs"]) < cfg.train.arcface_lr  # the scheduler did act (patience 0), so equality means something

@@ -359,7 +359,7 @@ def preview(
     if len(matrices) != len(images):
         raise ValueError(f"got {len(matrices)} arcface matrices for {len(images)} images")
     rng = np.random.default_rng(seed)
-    cells, labels = [], []
+    crops, inputs, labels = [], [], []
     for i in range(n):
         image, matrix = images[i % len(images)], matrices[i % len(images)]
         size = (ARCFACE_SIZE, ARCFACE_SIZE)
@@ -371,13 +371,35 @@ def preview(
         kind = KINDS[i % len(KINDS)]
         drawn = OcclusionAugment(prob=1.0, kinds=(kind,)) if augment is None else augment
         out224, out112, mask = drawn(image, arcface_input(crop112), matrix, rng)
-        shown112 = cv2.resize(arcface_to_bgr(out112), (FARL_SIZE, FARL_SIZE), interpolation=cv2.INTER_NEAREST)
-        cells.append(np.concatenate([out224, shown112], axis=1))
+        crops.append(out224)
+        inputs.append(out112)
         what = kind if augment is None else ("occluded" if mask.any() else "not occluded")
-        labels.append(f"{what}  {100 * mask.mean():.0f}% of the crop  | 112 ArcFace input")
-    sheet = image_grid(cells, ncols=min(4, n), labels=labels)
+        labels.append(f"{what}  {100 * mask.mean():.0f}% of the crop")
+    sheet = input_sheet(crops, inputs, labels)
     write_image(out_path, sheet)
     return sheet
+
+
+def input_sheet(crops224: Sequence[np.ndarray], arcface112: Sequence[np.ndarray], labels: Sequence[str]) -> np.ndarray:
+    """A sheet of encoder inputs in up to 4 columns: per cell the 224 crop and, enlarged beside it, the 112 input.
+
+    Shared by `preview` and the trainer's picture of its first training batch.
+
+    Args:
+        crops224: (224, 224, 3) uint8 BGR crops.
+        arcface112: (3, 112, 112) float32 ArcFace inputs, one per crop.
+        labels: one line per cell, shown above the 224 crop.
+
+    Returns:
+        (H, W, 3) uint8 BGR.
+    """
+    if len(arcface112) != len(crops224) or len(labels) != len(crops224):
+        raise ValueError(f"got {len(crops224)} crops, {len(arcface112)} ArcFace inputs and {len(labels)} labels")
+    cells = []
+    for crop, arcface in zip(crops224, arcface112):
+        shown112 = cv2.resize(arcface_to_bgr(arcface), (FARL_SIZE, FARL_SIZE), interpolation=cv2.INTER_NEAREST)
+        cells.append(np.concatenate([crop, shown112], axis=1))  # (224, 448, 3)
+    return image_grid(cells, ncols=min(4, len(cells)), labels=[f"{label}  | 112 ArcFace input" for label in labels])
 
 
 # The five ArcFace keypoints (image-left eye, image-right eye, nose tip, mouth corners) of

@@ -66,6 +66,12 @@ def clip_normalise_bgr(image_bgr: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(((rgb - _CLIP_MEAN) / _CLIP_STD).transpose(2, 0, 1))
 
 
+def clip_to_bgr(image: np.ndarray) -> np.ndarray:
+    """(3, H, W) float32 CLIP-normalised RGB -> (H, W, 3) uint8 BGR, for pictures (inverse of clip_normalise_bgr)."""
+    rgb = (image.transpose(1, 2, 0) * _CLIP_STD + _CLIP_MEAN) * 255.0
+    return np.ascontiguousarray(np.clip(np.round(rgb), 0, 255).astype(np.uint8)[..., ::-1])
+
+
 def check_image_batch(images: torch.Tensor, size: int, encoder: str) -> None:
     """Raise ValueError unless `images` is a (B, 3, size, size) batch with B >= 1."""
     if images.dim() != 4 or images.shape[0] < 1 or tuple(images.shape[1:]) != (3, size, size):

@@ -2,7 +2,8 @@
 
 The trainer loop (`ofer.train.trainer`) is shared; each stage contributes one `Task`, an
 `nn.Module` whose `forward(batch)` returns the loss (so DDP can wrap it) and whose
-`validate(batch, generator)` returns named metrics. Batches come from `ofer.data.datasets`:
+`validate(batch, generator)` returns named metrics, and whose `picture(batch, generator)` shows
+the truth beside samples (logged to tensorboard under `picture_tag`). Batches come from `ofer.data.datasets`:
 `image` (B, K, 3, 224, 224), `arcface` (B, K, 3, 112, 112) and the FLAME targets.
 """
 
@@ -64,6 +65,8 @@ def param_groups(module: nn.Module, cfg: Config) -> list[dict]:
 
 class DiffusionTask(nn.Module):
     """IdGen (target: shape) and ExpGen (target: 50 expression + 3 jaw)."""
+
+    picture_tag = "val/truth_vs_sample"
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -135,6 +138,8 @@ class DiffusionTask(nn.Module):
 class IdRankTask(nn.Module):
     """IdRank: a frozen IdGen proposes N shapes per image; the ranker learns ListNet targets."""
 
+    picture_tag = "val/truth_vs_ranked_samples"
+
     def __init__(self, cfg: Config):
         super().__init__()
         self.cfg = cfg
@@ -168,8 +173,10 @@ class IdRankTask(nn.Module):
             verts = self.flame(shapes.flatten(0, 1)) * 1000.0  # (B*N, V, 3)
         return verts.view(b, n, -1, 3)
 
-    def _scores_and_errors(self, batch: Batch, generator: torch.Generator | None = None
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _ranking(self, batch: Batch, generator: torch.Generator | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Sampled meshes (B*K, N, V, 3) and true meshes (B*K, V, 3) in mm, the ranker's scores and the
+        samples' front-face errors (mm), both (B*K, N)."""
         image, arcface = flatten_images(batch)
         k = batch["image"].shape[1]
         meshes = self.sample_meshes(image, arcface, generator)  # (B*K, N, V, 3)
@@ -179,16 +186,16 @@ class IdRankTask(nn.Module):
         errors = front_vertex_errors(meshes, truth, self.front_idx)  # (B*K, N)
         features = rank_features(meshes, self.front_idx)  # (B*K, N, 2*shape_dim)
         scores = self.model.scores(features, self.model.encode(image, arcface))
-        return scores, errors
+        return meshes, truth, scores, errors
 
     def forward(self, batch: Batch) -> torch.Tensor:
-        scores, errors = self._scores_and_errors(batch)
+        _, _, scores, errors = self._ranking(batch)
         return listnet_loss(scores, errors)
 
     @torch.no_grad()
     def validate(self, batch: Batch, generator: torch.Generator) -> dict[str, float]:
         """Error of the ranked pick vs a random sample vs the oracle best sample (mm)."""
-        scores, errors = self._scores_and_errors(batch, generator)
+        _, _, scores, errors = self._ranking(batch, generator)
         pick = errors.gather(1, scores.argmax(dim=1, keepdim=True)).mean()
         return {
             "val/ranked_error_mm": pick.item(),
@@ -197,6 +204,30 @@ class IdRankTask(nn.Module):
             "val/top1_accuracy": (scores.argmax(1) == errors.argmin(1)).float().mean().item(),
             "val/top1_chance": 1.0 / errors.shape[1],
         }
+
+    @torch.no_grad()
+    def picture(self, batch: Batch, generator: torch.Generator, count: int = 4, shown: int = 8) -> np.ndarray:
+        """Rows of [truth | the N samples by falling score] for the first images, (H, W, 3) BGR.
+
+        Of more than `shown` samples, `shown` spread evenly over the ranking are drawn (the first and
+        the last included). Each is labelled with its rank, its ListNet probability (the softmax of
+        the scores) and its front-face error in mm, so a good ranker's errors grow along the row.
+        """
+        meshes, truth, scores, errors = self._ranking(batch, generator)
+        n = scores.shape[1]
+        ranks = np.unique(np.linspace(0, n - 1, min(n, shown)).round().astype(int))  # positions in the ranking
+        order = scores.argsort(dim=1, descending=True).cpu()  # (B*K, N) sample indices, best first
+        probs, errors = scores.softmax(dim=1).cpu(), errors.cpu()
+        faces = self.flame.faces.cpu().numpy()
+        tiles, labels = [], []
+        for i in range(min(count, len(truth))):
+            tiles.append(frontal_view(truth[i].cpu().numpy(), faces))
+            labels.append("truth")
+            for rank in ranks:
+                j = order[i, rank]
+                tiles.append(frontal_view(meshes[i, j].cpu().numpy(), faces))
+                labels.append(f"#{rank + 1} p={probs[i, j]:.2f} {errors[i, j]:.1f}mm")
+        return image_grid(tiles, ncols=1 + len(ranks), labels=labels)
 
 
 def build_task(cfg: Config) -> nn.Module:

@@ -19,6 +19,12 @@ On `--resume` the config may differ from the one saved in `last.tar` (`RESUME_FI
 seed the batches are drawn from) are refused; the optimiser's and the LR scheduler's settings
 are applied to the resumed state; every other key takes effect where it is read. Each change
 is logged.
+
+What a run is can be checked from its folder: at the start rank 0 logs one summary (stage, data,
+parameter counts, placement, the resolved config) and writes the config as `config.yaml`
+(loadable with `--cfg`); its TensorBoard log (`tb/`) holds the config as text and as hparams,
+the first training batch's encoder inputs as the networks see them (augmented), and at each
+validation the task's picture of truth vs samples.
 """
 
 from __future__ import annotations
@@ -36,10 +42,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+import yaml
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.tensorboard import SummaryWriter
+from torch.utils.tensorboard.summary import hparams
 
 from ofer.checkpoints import (
     MODULE_KEYS,
@@ -53,17 +61,28 @@ from ofer.checkpoints import (
 )
 from ofer.config import Config, ConfigError, config_from_dict, config_to_dict
 from ofer.data.datasets import ExpressionDataset, IdentityDataset
+from ofer.data.occlusion import input_sheet
 from ofer.device import resolve_device
-from ofer.io import InputError, OutputFolderError, check_output_folder, remove_stale_temporaries, short_repr
+from ofer.encoders.normalise import clip_to_bgr
+from ofer.io import (
+    InputError,
+    OutputFolderError,
+    atomic_write,
+    check_output_folder,
+    remove_stale_temporaries,
+    short_repr,
+)
 from ofer.lock import FolderLock
 from ofer.progress import progress
-from ofer.train.tasks import METRIC_NOTES, build_task, param_groups
+from ofer.train.tasks import METRIC_NOTES, build_task, flatten_images, param_groups
 
 log = logging.getLogger(__name__)
 
 PRIMARY_METRIC = {"idgen": "val/vertex_error_mm", "expgen": "val/vertex_error_mm", "idrank": "val/ranked_error_mm"}
 LOCK_NAME = ".train.lock"
 CHECKPOINT_NAMES = ("last.tar", "best.tar")
+CONFIG_NAME = "config.yaml"  # the resolved config of the run, beside its checkpoints
+INPUT_PICTURE_SIZE = 16  # encoder inputs of the first training batch shown in tensorboard
 TRAINING_STATE = ("optimizer", "scheduler", "step", "best", "rng")  # what --resume needs beyond the weights
 # Config keys (dotted, or a section prefix ending in '.') that --resume cannot change: the saved
 # weights and optimiser state are of these networks, and the batches follow the seed.
@@ -132,6 +151,45 @@ def flat_config(cfg: Config) -> dict[str, Any]:
 
     walk(config_to_dict(cfg), "")
     return flat
+
+
+class _ConfigDumper(yaml.SafeDumper):
+    """Sections as blocks, lists on one line (`dims: [10, 64, 32]`), as the configs in configs/ are written."""
+
+
+_ConfigDumper.add_representer(
+    list, lambda dumper, data: dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=True))
+
+
+def config_yaml(cfg: Config) -> str:
+    """The config as YAML, in the schema's key order; `load_config` reads it back to the same config."""
+    return yaml.dump(config_to_dict(cfg), Dumper=_ConfigDumper, sort_keys=False, width=120)
+
+
+def hparam_values(cfg: Config) -> dict[str, int | float | str]:
+    """The flat config with values tensorboard's hparams show as written: numbers, and the rest as YAML text
+    (`true`, `null`, `[10, 64, 32]`; tensorboard would show a bool as 0/1 and drop a None)."""
+    return {key: value if isinstance(value, (int, float, str)) and not isinstance(value, bool)
+            else yaml.dump(value, Dumper=_ConfigDumper).removesuffix("\n...\n").strip()
+            for key, value in flat_config(cfg).items()}
+
+
+def dataset_size(dataset: Any) -> tuple[int, int]:
+    """(actors, images) of an identity or expression dataset (an expression frame is one image)."""
+    images = len(dataset) if isinstance(dataset, ExpressionDataset) else sum(len(r.images) for r in dataset.records)
+    return len(set(dataset.actors)), images
+
+
+def input_picture(batch: dict, count: int = INPUT_PICTURE_SIZE) -> np.ndarray:
+    """The first `count` encoder inputs of a (CPU) training batch, augmented as trained on: (H, W, 3) BGR.
+
+    Each cell shows the 224 FaRL crop and the 112 ArcFace input of one image, labelled dataset/actor.
+    """
+    images, arcfaces = flatten_images(batch)  # (B*K, 3, 224, 224), (B*K, 3, 112, 112)
+    per_item = batch["image"].shape[1]  # K images of each item
+    n = min(count, len(images))
+    labels = [f"{batch['dataset'][i // per_item]}/{batch['actor'][i // per_item]}" for i in range(n)]
+    return input_sheet([clip_to_bgr(x.numpy()) for x in images[:n]], [a.numpy() for a in arcfaces[:n]], labels)
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -212,6 +270,7 @@ class Trainer:
             else None
         )
         self.step = 0
+        self.saved_step: int | None = None  # the step of the last.tar this run wrote or resumed from
         self.best = math.inf
         self.recent: list[float] = []  # training losses (mean over ranks) since the last validation
         self.seconds = 0.0  # training wall time before this process, kept across resumes
@@ -223,6 +282,52 @@ class Trainer:
         self.train_set = build_dataset(cfg, "train")
         self.val_set = build_dataset(cfg, "val") if cfg.dataset.validation_data else None
         self.amp = cfg.train.amp and self.place.device.type == "cuda"
+        if self.place.is_main:
+            self._write_config()
+            log.info("%s", self.summary())
+
+    def parameter_counts(self) -> tuple[int, int]:
+        """(trained, frozen) parameter counts: those the optimiser updates, and the task's others
+        (e.g. IdRank's IdGen, frozen encoder layers)."""
+        trained = {id(p): p.numel() for group in self.optimizer.param_groups for p in group["params"]}
+        frozen = sum(p.numel() for p in self.task.parameters() if id(p) not in trained)
+        return sum(trained.values()), frozen
+
+    def summary(self) -> str:
+        """What this run trains, on what and where; then the resolved config (YAML, indented)."""
+        cfg, place = self.cfg, self.place
+        splits = []
+        for split, dataset, names in (("train", self.train_set, cfg.dataset.training_data),
+                                      ("val", self.val_set, cfg.dataset.validation_data)):
+            if dataset is None:
+                splits.append(f"{split}: none (the training loss decides the LR and best.tar)")
+                continue
+            actors, images = dataset_size(dataset)
+            splits.append(f"{split}: {actors} actors, {images} images ({', '.join(names)})")
+        trained, frozen = self.parameter_counts()
+        config = config_yaml(cfg).rstrip("\n").replace("\n", "\n  ")
+        return (f"training {STAGE_NAMES[cfg.stage]} ({cfg.name}) from step {self.step} to {cfg.train.max_steps}; "
+                f"{'; '.join(splits)}; parameters: {trained:,} trained, {frozen:,} frozen; device {place.device}, "
+                f"world size {place.world_size}; config (also in {self.out / CONFIG_NAME}):\n  {config}")
+
+    def _write_config(self) -> None:
+        """The resolved config as `config.yaml` in the output folder (a resumed run's too), atomically."""
+        with atomic_write(self.out / CONFIG_NAME) as tmp:
+            tmp.write_text(config_yaml(self.cfg), encoding="utf-8")
+
+    def _log_settings(self, writer: SummaryWriter) -> None:
+        """The config into tensorboard: as text, and as hparams of this run (not a sub-run).
+
+        `SummaryWriter.add_hparams` would write them into a new sub-folder, a second run in
+        tensorboard's list holding only a copy of the metric values given; written into the run's
+        own event file they sit beside its scalars, and the HParams table reads the metrics
+        (train/loss and the metric best.tar follows) from those scalars as training goes.
+        """
+        text = config_yaml(self.cfg).rstrip("\n")
+        writer.add_text("config", "    " + text.replace("\n", "\n    "), self.step)  # indented: shown verbatim
+        metrics = {"train/loss": math.nan, PRIMARY_METRIC[self.cfg.stage]: math.nan}  # names only; values from scalars
+        for proto in hparams(hparam_values(self.cfg), metrics):  # the experiment, session start and end records
+            writer.file_writer.add_summary(proto, self.step)
 
     def close(self) -> None:
         """Let go of the output folder (rank 0's lock); `fit` does this when it ends."""
@@ -304,6 +409,7 @@ class Trainer:
         torch.set_rng_state(ckpt["rng"]["torch"])
         if torch.cuda.is_available() and ckpt["rng"].get("cuda"):
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        self.saved_step = self.step
         log.info("resumed from %s at step %d", path, self.step)
 
     def _changed_settings(self, ckpt: dict, path: Path) -> set[str]:
@@ -358,6 +464,8 @@ class Trainer:
                                       if isinstance(getattr(self.task.model, k, None), nn.Module)}
             extra["ema_n_averaged"] = int(self.ema.n_averaged)
         save_checkpoint(path, self.ema.module if self.ema is not None else self.task.model, **extra)
+        if name == "last.tar":
+            self.saved_step = self.step
         return path
 
     # ------------------------------------------------------------------ loop
@@ -408,21 +516,32 @@ class Trainer:
             self.close()
 
     def _fit(self) -> Path:
-        cfg, place = self.cfg, self.place
+        place = self.place
         model: nn.Module = self.task
         if place.world_size > 1:
             model = nn.parallel.DistributedDataParallel(
                 self.task, device_ids=[place.device.index] if place.device.type == "cuda" else None,
                 broadcast_buffers=False, find_unused_parameters=True,
             )
-        writer = SummaryWriter(str(self.out / "tb")) if place.is_main else None
+        # Closed also when a step raises or is interrupted, so what was logged reaches the event file.
+        with SummaryWriter(str(self.out / "tb")) if place.is_main else contextlib.nullcontext() as writer:
+            return self._loop(model, writer)
+
+    def _loop(self, model: nn.Module, writer: SummaryWriter | None) -> Path:
+        """The training steps from `self.step` to `train.max_steps`, with validation and checkpoints."""
+        cfg, place = self.cfg, self.place
+        if writer:
+            self._log_settings(writer)
         loader = self._loader(self.train_set, self.step, cfg.train.max_steps, cfg.train.seed, place.rank)
         self.task.train()
         last = self.out / "last.tar"
         self._started = time.perf_counter()
         with progress(total=cfg.train.max_steps, initial=self.step, disable=not place.is_main,
                       desc=cfg.stage) as bar:  # closed also when a step raises
-            for batch in loader:
+            for index, batch in enumerate(loader):
+                if writer and index == 0:  # this process's first batch, as the networks see it
+                    writer.add_image("train/inputs", input_picture(batch)[..., ::-1].copy(), self.step,
+                                     dataformats="HWC")
                 batch = to_device(batch, place.device)
                 with torch.autocast(place.device.type, dtype=torch.bfloat16, enabled=self.amp):
                     loss = model(batch)
@@ -447,8 +566,6 @@ class Trainer:
                     self.recent = []
                 if place.is_main and (self.step % cfg.train.checkpoint_steps == 0 or done):
                     last = self.save("last.tar")
-        if writer:
-            writer.close()
         if place.world_size > 1:
             dist.destroy_process_group()
         return last
@@ -474,7 +591,7 @@ class Trainer:
             for k, v in metrics.items():
                 writer.add_scalar(k, v, self.step)
             if self.last_picture is not None:  # BGR -> RGB for tensorboard
-                writer.add_image("val/truth_vs_sample", self.last_picture[..., ::-1].copy(), self.step, dataformats="HWC")
+                writer.add_image(self.task.picture_tag, self.last_picture[..., ::-1].copy(), self.step, dataformats="HWC")
         if metrics:
             if not self._metrics_explained:
                 log.info("validation metrics: %s", "; ".join(f"{k}: {METRIC_NOTES[k]}" for k in metrics if k in METRIC_NOTES))
