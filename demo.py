@@ -95,7 +95,10 @@ def run_and_show(args: list[str]) -> int:
 def where(out: Path) -> None:
     print(f"\nMeshes: {out}/shapesample/<name>_0.ply (IdRank's pick, neutral), {out}/flamesample/<name>_0_<k>.ply "
           f"(expression samples); all samples and scores in {out}/<name>.npz")
-    print(f"Pictures: {out}/<name>/overlay.png (mesh on the face), {out}/<name>/samples.png (expression samples)")
+    print(f"Pictures: {out}/<name>/overlay.png (mesh on the face), {out}/<name>/samples.png (expression samples), "
+          f"{out}/<name>/shape_spread.png and expression_spread.png (where the samples disagree, mm)")
+    print(f"Report: {out / 'report' / 'index.html'} (open it in a browser: every image, its samples in 3D, "
+          "coloured by their spread)")
 
 
 def photos(folder: Path, keypoints: Path | None, ckpt: dict[str, Path], out: Path) -> int:

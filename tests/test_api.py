@@ -27,7 +27,7 @@ def model(synthetic_root, checkpoints):
 
 def files(folder):
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name not in ("done.json", "summary.json")}
+            if p.is_file() and p.name not in ("done.json", "summary.json") and p.relative_to(folder).parts[0] != "report"}
 
 
 def test_reconstruct_crop_saves_exactly_what_test_py_writes(model, synthetic_root, checkpoints, tmp_path):
@@ -37,7 +37,7 @@ def test_reconstruct_crop_saves_exactly_what_test_py_writes(model, synthetic_roo
                "--seed", "5") == 0
     result = model.reconstruct_crop(str(synthetic_root / "test" / f"{name}.jpg"), seed=5, **SAMPLING)
     marker = result.save(tmp_path / "api")
-    assert files(tmp_path / "api") == files(tmp_path / "cli") and len(files(tmp_path / "api")) == 8
+    assert files(tmp_path / "api") == files(tmp_path / "cli") and len(files(tmp_path / "api")) == 14
     cli_marker = json.loads((tmp_path / "cli" / name / "done.json").read_text())
     assert {k: v for k, v in cli_marker.items() if k != "run"} == marker
 

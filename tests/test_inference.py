@@ -227,11 +227,15 @@ def test_a_checkpoint_in_the_wrong_slot_is_refused(synthetic_root, checkpoints, 
     assert not (tmp_path / "out" / "shapesample").exists()
 
 
-def test_batch_is_chosen_automatically_unless_given(synthetic_root, checkpoints, tmp_path, caplog, capsys):
+def test_batch_is_chosen_automatically_and_the_report_written_unless_told_not_to(synthetic_root, checkpoints, tmp_path, caplog, capsys):
     listing = synthetic_root / "test" / "list.txt"
     caplog.set_level(logging.INFO, logger="ofer.test")
     assert run(synthetic_root, checkpoints, listing, synthetic_root / "test", tmp_path / "auto") == 0
     assert "3 image(s) per batch (--batch auto)" in caplog.text  # the CPU rule, at most the images there are
+    assert (tmp_path / "auto" / "report" / "index.html").is_file()  # the HTML report, by default
+    assert run(synthetic_root, checkpoints, listing, synthetic_root / "test", tmp_path / "quiet", "--no-report",
+               "--batch", "3") == 0
+    assert not (tmp_path / "quiet" / "report").exists()
     for bad in ("0", "two"):
         with pytest.raises(SystemExit) as code:
             run(synthetic_root, checkpoints, listing, synthetic_root / "test", tmp_path / "bad", "--batch", bad)

@@ -38,7 +38,9 @@ def reconstruction(flame: FLAME, num_expressions: int, offset: float = 0.0) -> R
     return Reconstruction(shapes=np.zeros((4, flame.n_shape), np.float32), scores=np.arange(4, dtype=np.float32),
                           best=3, expressions=np.zeros((m, flame.n_exp), np.float32), jaws=np.zeros((m, 3), np.float32),
                           neutral_mm=neutral[0].numpy(), expression_mm=neutral.repeat(m, 1, 1).numpy(),
-                          kpt68_mm=kpt68[0].numpy(), kpt7_mm=kpt7[0].numpy())
+                          kpt68_mm=kpt68[0].numpy(), kpt7_mm=kpt7[0].numpy(),
+                          shape_spread_mm=np.zeros(flame.num_vertices, np.float32),
+                          expression_spread_mm=np.zeros(flame.num_vertices, np.float32))
 
 
 def write(out, name, flame, num_saved, offset=0.0, provenance=None, mesh_format="ply"):
@@ -141,7 +143,7 @@ def test_normalised_entries_find_their_image(tmp_path):
 @pytest.mark.parametrize(("content", "message"), [
     (b"", r"lists no image \(only empty lines or # comments\)"),
     (b"# nothing yet\n\n   \n", "lists no image"),
-    (b"a.jpg\nb\xff\xfe.jpg\n", "line 2 is not UTF-8 text"),
+    (b"a.jpg\nb\xff\xfe.jpg\n", "line 2: not UTF-8 text"),
 ])
 def test_a_list_without_images_or_not_utf8_is_refused(tmp_path, content, message):
     (tmp_path / "list.txt").write_bytes(content)
@@ -212,3 +214,8 @@ def test_meshes_as_obj_or_both_read_back_the_same(flame, tmp_path):
     assert sorted(p.name for p in (out / "flamesample").iterdir()) == ["a_0_0.obj", "a_0_1.obj"]
     assert [p.name for p in find_samples(out, "a")] == ["a_0_0.obj", "a_0_1.obj"]
     assert (out / "shapesample" / "a_0.obj").is_file() and not (out / "shapesample" / "a_0.ply").exists()
+
+
+def test_a_list_saved_with_a_byte_order_mark_reads_as_without(tmp_path):
+    (tmp_path / "list.txt").write_bytes(b"\xef\xbb\xbfa.jpg\r\nb\r\n")  # as Windows editors save UTF-8
+    assert [name for name, _ in read_list(tmp_path / "list.txt", tmp_path)] == ["a", "b"]

@@ -8,10 +8,10 @@ import torch
 import trimesh
 
 from ofer.flame import FLAME
+from ofer.inference.layout import UNCERTAINTY_FILES
 from ofer.inference.pictures import scores_plot, spread_picture
 from ofer.inference.uncertainty import (
     SPREAD_SCALE_MM,
-    UNCERTAINTY_FILES,
     spread_colors,
     vertex_spread,
     write_uncertainty,

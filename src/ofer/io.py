@@ -150,7 +150,7 @@ def read_text(path: str | os.PathLike) -> str:
     except OSError as err:
         raise InputError(f"{path}: cannot be read ({err.strerror or err})") from err
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")  # a byte-order mark (Windows editors) is not part of the text
     except UnicodeDecodeError as err:
         line = data.count(b"\n", 0, err.start) + 1
         raise InputError(f"{path}, line {line}: not UTF-8 text (byte 0x{data[err.start]:02x}); "

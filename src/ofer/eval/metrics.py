@@ -40,8 +40,8 @@ import numpy as np
 
 from ofer.eval import exit_code, write_json_report
 from ofer.eval.geometry import similarity_procrustes
-from ofer.inference.layout import expression_sample_files, output_name, read_marker
-from ofer.io import InputError, load_array, read_mesh
+from ofer.inference.layout import expression_sample_files, in_list_order, output_name, read_marker
+from ofer.io import InputError, load_array, read_mesh, read_text
 
 logger = logging.getLogger(__name__)
 
@@ -154,15 +154,14 @@ def list_order(pred_dir: Path, names: list[str], list_file: str | os.PathLike | 
     """`names` in the order of the image list: `list_file` (test.py's --filename) when given, else
     the order recorded in `<pred>/summary.json` (`listed`); names not listed follow, sorted."""
     if list_file is not None:
-        lines = Path(list_file).read_text(encoding="utf-8").splitlines()
+        lines = read_text(list_file).splitlines()
         listed = [output_name(line) for line in lines if line.strip() and not line.strip().startswith("#")]
     else:
         try:
             listed = json.loads((pred_dir / "summary.json").read_text())["listed"]
         except (OSError, ValueError, KeyError, TypeError):
-            listed = []
-    position = {name: i for i, name in reversed(list(enumerate(listed))) if isinstance(name, str)}
-    return sorted(names, key=lambda n: (position.get(n, len(position)), n))
+            listed = None
+    return in_list_order(names, listed)
 
 
 def evaluate_folder(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, masks_dir: str | os.PathLike | None = None,

@@ -49,8 +49,10 @@ from ofer.inference.layout import IMAGE_SUFFIXES, MESH_FORMATS, done_marker, out
 from ofer.inference.outfolder import OutputLock, lock_holder
 from ofer.inference.ranks import Ranks
 from ofer.inference.summary import RankReport, RunPlan, remove_reports, write_summary
-from ofer.io import InputError, OutputFolderError, check_output_folder
+from ofer.io import InputError, OutputFolderError, check_output_folder, read_text
+from ofer.logs import setup_logging
 from ofer.progress import progress
+from ofer.report import build_report
 
 log = logging.getLogger("ofer.test")
 EXIT_OK, EXIT_FAILED, EXIT_SETUP, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -86,6 +88,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="images reconstructed together: a number, or auto (default: chosen from the device, N, M and "
                         "FLAME's size; ofer.inference.batching); outputs do not depend on it")
     p.add_argument("--overwrite", action="store_true", help="redo images that already have outputs")
+    p.add_argument("--no-report", action="store_true",
+                   help="do not write the HTML report <outputpath>/report/ (python -m ofer.report OUT writes it later)")
     p.add_argument("--mesh-format", choices=list(MESH_FORMATS), default="ply",
                    help="file format of the meshes: ply (default, as the original), obj, or both")
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
@@ -118,12 +122,7 @@ def read_list(list_file: Path, image_root: Path) -> list[tuple[str, Path]]:
         raise InputError(f"{list_file}: image list not found")
     if not image_root.is_dir():
         raise InputError(f"--imagepath {image_root}: folder not found (list entries are relative to it)")
-    try:
-        lines = list_file.read_bytes().decode("utf-8-sig").splitlines()
-    except UnicodeDecodeError as err:
-        line = list_file.read_bytes()[: err.start].count(b"\n") + 1
-        raise InputError(f"{list_file}: line {line} is not UTF-8 text; the image list must be a UTF-8 text file, "
-                         "one image per line") from None
+    lines = read_text(list_file).splitlines()
     entries: list[tuple[str, Path]] = []
     seen: dict[str, str] = {}
     for number, line in enumerate(lines, 1):
@@ -152,7 +151,7 @@ def read_list(list_file: Path, image_root: Path) -> list[tuple[str, Path]]:
 def main(argv: list[str] | None = None) -> int:
     """Run test.py; the exit code is one of EXIT_* (see the module docstring)."""
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(args.log_level)  # ranks > 0 say only what goes wrong
     ranks = Ranks.from_env()
     try:
         with sigterm_interrupts():
@@ -269,8 +268,20 @@ def reconstruct_shard(args: argparse.Namespace, cfg: Config, checkpoints: dict[s
         return EXIT_FAILED if report.failed else EXIT_OK
     summary = write_summary(out, plan, settings, ranks.world)
     remove_reports(out)
+    if not args.no_report:
+        write_report(out)
     print(f"reconstructed {len(summary['reconstructed'])} images, {len(summary['failed'])} failed, "
           f"{len(summary['skipped_already_done'])} already done, outputs in {out} (summary.json)")
     for note in summary["notes"]:
         print(f"note: {note}")
     return EXIT_FAILED if summary["failed"] or summary["not_processed"] else EXIT_OK
+
+
+def write_report(out: Path) -> None:
+    """The run's HTML report (`ofer.report`); a report that cannot be written is said, the run's outputs stand."""
+    try:
+        index = build_report(out)
+    except OSError as err:
+        log.error("the HTML report could not be written to %s (%s); python -m ofer.report %s retries", out, err, out)
+        return
+    print(f"report: {index}")

@@ -8,6 +8,8 @@ Layout under the output folder (SPEC §11, ours added):
   <name>/kpt7.npy, <name>/kpt68.npy  3D landmarks of the neutral shape (mm), for NoW
   <name>/overlay.png                 the best shape drawn over the aligned input crop
   <name>/samples.png                 contact sheet of the expression samples
+  <name>/uncertainty.npz, ...        per-vertex spread of the samples, its coloured meshes and pictures
+                                     (`ofer.inference.uncertainty.UNCERTAINTY_FILES`)
   <name>/done.json                   written last, listing the files: a re-run skips images that have it
 `<name>` comes from the list entry (`ofer.inference.cli.output_name`); the index is always 0, as
 in the original's names (its `--numcheckpoint` counts checkpoints and never enters a name).
@@ -29,9 +31,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ofer.inference.layout import MESH_FORMATS, done_marker, image_files
+from ofer.inference.layout import MESH_FORMATS, UNCERTAINTY_FILES, done_marker, image_files
 from ofer.inference.pictures import overlay_picture, samples_sheet
 from ofer.inference.pipeline import Reconstruction
+from ofer.inference.uncertainty import write_uncertainty
 from ofer.io import MESH_WRITERS, WriteError, atomic_write, save_npy, save_npz, write_image
 
 log = logging.getLogger(__name__)
@@ -70,6 +73,8 @@ def _write_files(root: Path, name: str, rec: Reconstruction, faces: np.ndarray, 
     save_npy(path(f"{name}/kpt68.npy"), rec.kpt68_mm)
     write_image(path(f"{name}/overlay.png"), overlay)
     write_image(path(f"{name}/samples.png"), sheet)
+    write_uncertainty(root / name, rec, faces)
+    files += [f"{name}/{file}" for file in UNCERTAINTY_FILES]
     return files
 
 

@@ -13,7 +13,10 @@ from pathlib import Path
 
 from ofer.io import InputError
 
-PER_IMAGE_FILES = ("kpt7.npy", "kpt68.npy", "overlay.png", "samples.png")  # inside <name>/
+# The spread files of `ofer.inference.uncertainty.write_uncertainty`, inside <name>/.
+UNCERTAINTY_FILES = ("uncertainty.npz", "shape_spread.ply", "expression_spread.ply",
+                     "shape_spread.png", "expression_spread.png", "scores.png")
+PER_IMAGE_FILES = ("kpt7.npy", "kpt68.npy", "overlay.png", "samples.png", *UNCERTAINTY_FILES)  # inside <name>/
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 ARCFACE_INPUT_FOLDER = "arcface_input"  # the original drops this folder from output names
 # Top-level names of the output folder that belong to the run, not to an image.
@@ -93,3 +96,11 @@ def belongs_to(name: str, relative: str) -> bool:
     own = re.escape(name)
     return re.fullmatch(rf"shapesample/{own}_0\.(ply|obj)|flamesample/{own}_0_\d+\.(ply|obj)|{own}\.npz|{own}/[^/]+",
                         relative) is not None and relative != f"{name}/done.json"
+
+
+def in_list_order(names: set[str] | list[str], listed: object) -> list[str]:
+    """`names` in the order of test.py's list `listed` (e.g. summary.json's `listed`; anything
+    but a list of names counts as no list), names it does not hold after it, sorted."""
+    position = {n: i for i, n in reversed(list(enumerate(listed))) if isinstance(n, str)} \
+        if isinstance(listed, list) else {}
+    return sorted(names, key=lambda n: (position.get(n, len(position)), n))

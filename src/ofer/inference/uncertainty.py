@@ -12,7 +12,7 @@ vertex's 3-D position (the root of the trace of its 3×3 covariance), the quanti
 Maps use viridis (perceptual, readable in grey and by colour-blind readers) on one fixed scale,
 0 to SPREAD_SCALE_MM, for every image and both maps, so that colours compare across images
 and runs; larger spreads get the top colour. `write_uncertainty` writes one image's files into
-its output folder (names in UNCERTAINTY_FILES).
+its output folder (names in `ofer.inference.layout.UNCERTAINTY_FILES`).
 """
 
 from __future__ import annotations
@@ -29,9 +29,8 @@ from ofer.io import save_npz, write_image, write_ply
 if TYPE_CHECKING:
     from ofer.inference.pipeline import Reconstruction
 
+
 SPREAD_SCALE_MM = 8.0  # top of the colour scale (mm): the demo's 99th percentiles are 7.8 (shape), 7.1 (expression)
-UNCERTAINTY_FILES = ("uncertainty.npz", "shape_spread.ply", "expression_spread.ply",
-                     "shape_spread.png", "expression_spread.png", "scores.png")
 # matplotlib's viridis (CC0), every 16th of its 256 entries and the last: sRGB, 0-255.
 VIRIDIS = np.array([
     [68, 1, 84], [72, 24, 106], [71, 45, 123], [66, 64, 134], [59, 82, 139], [51, 99, 141],

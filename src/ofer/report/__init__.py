@@ -39,6 +39,7 @@ from urllib.parse import quote
 
 import numpy as np
 
+from ofer.inference.layout import in_list_order
 from ofer.inference.uncertainty import SPREAD_SCALE_MM, VIRIDIS
 from ofer.io import failure_reason, read_mesh
 
@@ -352,7 +353,7 @@ def build_report(out: str | os.PathLike) -> Path:
     out = Path(out)
     summary, summary_problem = read_summary(out)
     known = statuses(summary)
-    names = sorted(set(known) | set(discover(out)))
+    names = in_list_order(set(known) | set(discover(out)), summary.get("listed"))
     entries = [load_image(out, n, *known.get(n, ("outputs found", None))) if safe_name(n)
                else ImageEntry(n, *known.get(n, ("unknown", None))) for n in names]
     run_faces = next((entry.faces for entry in entries if entry.faces is not None), None)
