@@ -1,5 +1,6 @@
 """test.py end to end on synthetic demo images (untrained tiny checkpoints): files, shapes, failures."""
 
+import hashlib
 import json
 import logging
 import shutil
@@ -66,6 +67,16 @@ def test_outputs_of_three_images(synthetic_root, checkpoints, tmp_path):
         assert read_image(out / name / "samples.png").shape[0] > 100
     summary = json.loads((out / "summary.json").read_text())
     assert sorted(summary["reconstructed"]) == sorted(names) and summary["failed"] == {}
+    assert summary["listed"] == names
+    # Loading is reported apart: the per-image time is what is left of the run, per image.
+    assert 0 < summary["load_seconds"] < summary["seconds"]
+    assert summary["seconds_per_image"] == pytest.approx((summary["seconds"] - summary["load_seconds"]) / 3, abs=0.01)
+    # Each checkpoint is recorded by its content, so a file replaced under the same name is told apart.
+    for stage, path in checkpoints.items():
+        recorded = summary["settings"][stage]
+        assert recorded["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+        assert recorded["path"] == str(path.resolve())
+        assert json.loads((out / names[0] / "done.json").read_text())["settings"][stage] == recorded
 
 
 def forged_png(path, width, height):
