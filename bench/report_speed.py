@@ -29,8 +29,8 @@ import trimesh
 from ofer.flame import FLAME
 from ofer.flame.synthetic import write_synthetic_flame
 from ofer.inference.export import write_outputs
-from ofer.inference.pipeline import Reconstruction
 from ofer.inference.layout import UNCERTAINTY_FILES
+from ofer.inference.pipeline import Reconstruction
 from ofer.inference.uncertainty import vertex_spread, write_uncertainty
 from ofer.report import ASSETS, build_report
 

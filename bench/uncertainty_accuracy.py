@@ -44,12 +44,13 @@ import torch
 from scipy.stats import spearmanr
 from synthetic_accuracy import REPO, SETTINGS, data_overrides, stage_checkpoint
 
+from ofer.api import image_generator
 from ofer.config import load_config
 from ofer.data.synthetic import SyntheticSettings, generate
 from ofer.eval.metrics import vertex_errors
 from ofer.flame import FLAME
 from ofer.flame.jaw import jaws_to_pose
-from ofer.inference.cli import image_generator, read_list
+from ofer.inference.cli import read_list
 from ofer.inference.pipeline import OferPipeline, load_inputs
 from ofer.io import load_array, read_mesh
 
@@ -63,7 +64,7 @@ def vertex_records(pipe: OferPipeline, truth_flame: FLAME, data: Path, seed: int
     records = []
     for name, path in read_list(data / "test" / "list.txt", data / "test"):
         crop, arcface = load_inputs(path)
-        rec = pipe(crop[None], arcface[None], [image_generator(seed, name, pipe.device)])[0]
+        rec = pipe(crop[None], arcface[None], [image_generator(seed, name)])[0]
         neutral_gt, expr_gt = read_mesh(gt / "neutral" / f"{name}.ply")[0], read_mesh(gt / f"{name}.ply")[0]
         truth = np.load(gt / f"{name}_params.npz")
         expression = torch.nn.functional.pad(torch.from_numpy(rec.expressions[:1]).float(),
