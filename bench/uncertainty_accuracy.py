@@ -73,7 +73,7 @@ def vertex_records(pipe: OferPipeline, truth_flame: FLAME, data: Path, seed: int
         first_on_truth = truth_flame(torch.from_numpy(truth["shape"][None]).float(), expression=expression,
                                      jaw=pipe.jaw_scale * jaw)[0].numpy() * 1000.0
         records.append({
-            "occluded": load_array(gt / f"{name}_occlusion.npy", (len(expr_gt),)).astype(bool),
+            "occluded": load_array(gt / f"{name}_occlusion.npy", (len(expr_gt),), boolean=True),
             "shape": (rec.shape_spread_mm, vertex_errors(rec.neutral_mm, neutral_gt)),
             "expression": (rec.expression_spread_mm, vertex_errors(rec.expression_mm[0], expr_gt)),
             "expression*": (rec.expression_spread_mm, vertex_errors(first_on_truth, expr_gt)),
