@@ -182,7 +182,8 @@ class _FaceDataset(Dataset):
         # Imported here so that data loading without occlusion never needs the augmenter.
         from ofer.data.occlusion import OcclusionAugment
 
-        return OcclusionAugment.from_config(self.cfg.occlusion)
+        occ = self.cfg.occlusion
+        return OcclusionAugment(prob=occ.prob, min_area=occ.min_area, max_area=occ.max_area, kinds=occ.kinds)
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch whose draws __getitem__ makes (deterministic per seed, epoch, index)."""
