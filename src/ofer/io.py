@@ -157,6 +157,15 @@ def read_text(path: str | os.PathLike) -> str:
                          "save the file as UTF-8") from err
 
 
+def list_entries(path: str | os.PathLike) -> list[tuple[int, str]]:
+    """(line number, entry) for each non-empty line of an image list that is not a `#` comment.
+
+    The one rule for the lists test.py, the evaluation commands and NoW read; read as `read_text`.
+    """
+    lines = (line.strip() for line in read_text(path).splitlines())
+    return [(number, line) for number, line in enumerate(lines, 1) if line and not line.startswith("#")]
+
+
 def image_size(path: str | os.PathLike) -> tuple[int, int] | None:
     """(width, height) from the file's header without decoding the pixels; None if unknown.
 

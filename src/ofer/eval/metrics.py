@@ -41,7 +41,7 @@ import numpy as np
 from ofer.eval import exit_code, write_json_report
 from ofer.eval.geometry import similarity_procrustes
 from ofer.inference.layout import expression_sample_files, in_list_order, output_name, read_marker
-from ofer.io import InputError, load_array, read_mesh, read_text
+from ofer.io import InputError, list_entries, load_array, read_mesh
 
 logger = logging.getLogger(__name__)
 
@@ -154,8 +154,7 @@ def list_order(pred_dir: Path, names: list[str], list_file: str | os.PathLike | 
     """`names` in the order of the image list: `list_file` (test.py's --filename) when given, else
     the order recorded in `<pred>/summary.json` (`listed`); names not listed follow, sorted."""
     if list_file is not None:
-        lines = read_text(list_file).splitlines()
-        listed = [output_name(line) for line in lines if line.strip() and not line.strip().startswith("#")]
+        listed = [output_name(entry) for _, entry in list_entries(list_file)]
     else:
         try:
             listed = json.loads((pred_dir / "summary.json").read_text())["listed"]

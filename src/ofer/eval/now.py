@@ -79,7 +79,7 @@ import numpy as np
 from ofer.eval import exit_code, write_json_report
 from ofer.eval.geometry import MeshSurface, Similarity, refine_dogleg, refine_similarity, similarity_procrustes
 from ofer.eval.scans import read_scan_vertices
-from ofer.io import InputError, check_values, load_array, read_mesh, read_text, write_ply
+from ofer.io import InputError, check_values, list_entries, load_array, read_mesh, write_ply
 
 logger = logging.getLogger(__name__)
 
@@ -338,8 +338,7 @@ def read_list(path: str | os.PathLike) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: list file not found")
-    lines = [line.strip() for line in read_text(path).splitlines()]
-    return [line for line in lines if line and not line.startswith("#")]
+    return [entry for _, entry in list_entries(path)]
 
 
 def evaluate_now(lines: Sequence[str], pred_dir: str | os.PathLike, gt_dir: str | os.PathLike,

@@ -49,7 +49,7 @@ from ofer.inference.layout import IMAGE_SUFFIXES, MESH_FORMATS, done_marker, out
 from ofer.inference.outfolder import OutputLock, lock_holder
 from ofer.inference.ranks import Ranks
 from ofer.inference.summary import RankReport, RunPlan, remove_reports, write_summary
-from ofer.io import InputError, OutputFolderError, check_output_folder, read_text
+from ofer.io import InputError, OutputFolderError, check_output_folder, list_entries
 from ofer.logs import setup_logging
 from ofer.progress import progress
 from ofer.report import build_report
@@ -122,13 +122,9 @@ def read_list(list_file: Path, image_root: Path) -> list[tuple[str, Path]]:
         raise InputError(f"{list_file}: image list not found")
     if not image_root.is_dir():
         raise InputError(f"--imagepath {image_root}: folder not found (list entries are relative to it)")
-    lines = read_text(list_file).splitlines()
     entries: list[tuple[str, Path]] = []
     seen: dict[str, str] = {}
-    for number, line in enumerate(lines, 1):
-        entry = line.strip()
-        if not entry or entry.startswith("#"):
-            continue
+    for number, entry in list_entries(list_file):
         try:
             name = output_name(entry)
         except InputError as err:
